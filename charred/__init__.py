@@ -1,0 +1,1 @@
+"""charred: character-aware text-to-image diffusion in JAX."""

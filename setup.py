@@ -1,0 +1,34 @@
+"""charred: character-aware text-to-image diffusion in JAX."""
+import setuptools
+
+setuptools.setup(
+    name="charred",
+    version="0.1.0",
+    description="Character-aware text-to-image diffusion (ByT5-conditioned U-Nets) in JAX.",
+    packages=setuptools.find_packages(include=["charred", "charred.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "absl-py",
+        "jax[cpu]",
+        "flax",
+        "optax",
+        "gin-config",
+        "clu",
+        "tensorboard",  # clu's summary writer needs it
+        "orbax-checkpoint",
+        "ml-collections",
+        "numpy",
+        "pillow",
+        "matplotlib",  # ships the DejaVu fonts the typography data is rendered with
+        "wordfreq",
+        "rapidfuzz",
+        "rapidocr-onnxruntime==1.4.4",
+        # Data layer only (charred.models / charred.trainers import without these):
+        "tensorflow",
+        "tensorflow-datasets",
+        "seqio",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "transformers"],
+    },
+)
