@@ -1,0 +1,67 @@
+"""Word lists: deterministic, disjoint, within bounds, frequency-bucketed."""
+import collections
+
+import pytest
+
+from charred.datasets import words
+
+# A smaller vocabulary keeps the test fast; the logic is the same.
+CONFIG = words.WordSplitConfig(seed=0, vocabulary_size=8000, num_validation=200)
+
+
+def test_deterministic_per_seed():
+  a = words.word_splits(CONFIG)
+  words._word_splits.cache_clear()  # Recompute rather than hit the cache.
+  b = words.word_splits(CONFIG)
+  assert a == b
+  c = words.word_splits(words.WordSplitConfig(seed=1, vocabulary_size=8000, num_validation=200))
+  assert a["train"] != c["train"]
+  assert a["validation"] != c["validation"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_disjoint_case_insensitive_and_bounded(seed):
+  config = words.WordSplitConfig(seed=seed, vocabulary_size=8000, num_validation=200)
+  splits = words.word_splits(config)
+  train, val = splits["train"], splits["validation"]
+  assert len(val) == 200 and len(train) > 1000
+  assert not {w.lower() for w in train} & {w.lower() for w in val}
+  for split in (train, val):
+    assert len(set(split)) == len(split)
+    for w in split:
+      assert config.min_length <= len(w) <= config.max_length
+      assert w.isascii() and w.isalpha() and w.islower()
+
+
+def test_random_fraction_and_buckets():
+  splits = words.word_splits(CONFIG)
+  for name, split in splits.items():
+    buckets = collections.Counter(words.frequency_bucket(w) for w in split)
+    # Random strings are exactly the words with zipf frequency 0.
+    fraction = buckets[words.UNSEEN] / len(split)
+    assert abs(fraction - CONFIG.random_fraction) < 0.02, (name, buckets)
+    assert buckets[words.FREQUENT] > 0 and buckets[words.COMMON] > 0, (name, buckets)
+
+
+def test_validation_spans_frequency_ranks():
+  real = words.real_words(CONFIG.vocabulary_size, CONFIG.min_length, CONFIG.max_length)
+  rank = {w: i for i, w in enumerate(real)}
+  val_ranks = sorted(rank[w] for w in words.word_splits(CONFIG)["validation"] if w in rank)
+  assert val_ranks[0] < len(real) * 0.05 and val_ranks[-1] > len(real) * 0.95
+
+
+def test_frequency_bucket_values():
+  assert words.frequency_bucket("the") == words.FREQUENT
+  assert words.frequency_bucket("The") == words.FREQUENT
+  assert words.frequency_bucket("qzxvwk") == words.UNSEEN
+  z = words.zipf_frequency("saxophone")
+  expected = words.COMMON if 3 <= z < 4 else words.RARE if 0 < z < 3 else words.FREQUENT
+  assert words.frequency_bucket("saxophone") == expected
+  assert set(words.BUCKETS) == {"frequent", "common", "rare", "unseen"}
+
+
+def test_invalid_config():
+  with pytest.raises(ValueError):
+    words.word_splits(words.WordSplitConfig(vocabulary_size=100, num_validation=200))
+  with pytest.raises(ValueError):
+    words.word_splits(words.WordSplitConfig(random_fraction=1.0))
