@@ -1,0 +1,101 @@
+"""A byte-level text encoder conditioning a U-Net: the charred model.
+
+Parameters live under `text_encoder/...` (t5x names) and `unet/...` (diffusers names).
+The tiny default works in pixel space, as DeepFloyd IF's first stage does; a latent
+model puts a frozen VAE in front (see the models issue).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from charred.models import diffusion
+from charred.models.t5_encoder import T5Encoder, T5EncoderConfig
+from charred.models.unet import UNet, UNetConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TextToImageConfig:
+  text_encoder: T5EncoderConfig = T5EncoderConfig()
+  unet: UNetConfig = UNetConfig()
+  noise_schedule: diffusion.NoiseSchedule = diffusion.NoiseSchedule()
+  prediction_type: str = 'epsilon'
+  text_length: int = 64  # bytes, including EOS.
+  image_size: tuple[int, int] = (64, 64)  # (height, width) of what the U-Net sees.
+  # Pixel space (as DeepFloyd IF's first stage): the U-Net denoises RGB images in [-1, 1].
+  pixel_space: bool = True
+  # The U-Net sees non-overlapping p x p patches stacked into channels (space-to-depth, as
+  # in Simple Diffusion, arXiv 2301.11093): p^2 less work per layer at the same output size.
+  patch_size: int = 1
+
+  def __post_init__(self):
+    if self.prediction_type not in diffusion.PREDICTION_TYPES:
+      raise ValueError(f'Unknown prediction_type {self.prediction_type!r}; expected one of '
+                       f'{diffusion.PREDICTION_TYPES}.')
+    if self.unet.cross_attention_dim != self.text_encoder.d_model:
+      raise ValueError(f'unet.cross_attention_dim ({self.unet.cross_attention_dim}) must equal '
+                       f'text_encoder.d_model ({self.text_encoder.d_model}).')
+    h, w = self.image_size
+    if h % self.patch_size or w % self.patch_size:
+      raise ValueError(f'image_size {self.image_size} is not divisible by patch_size '
+                       f'{self.patch_size}.')
+    if self.unet.in_channels != 3 * self.patch_size**2:
+      raise ValueError(f'unet.in_channels must be 3 * patch_size**2 = {3 * self.patch_size**2} '
+                       f'for RGB patches, got {self.unet.in_channels}.')
+    if not self.pixel_space:
+      raise NotImplementedError(
+          'Latent-space training needs a VAE; this build only supports pixel_space=True.')
+
+
+class TextToImage(nn.Module):
+  config: TextToImageConfig
+
+  def setup(self):
+    self.text_encoder = T5Encoder(self.config.text_encoder)
+    self.unet = UNet(self.config.unet)
+
+  def encode_text(self, tokens, mask, deterministic: bool = True):
+    """Byte ids [B, L] and mask [B, L] -> hidden states [B, L, D]."""
+    return self.text_encoder(tokens, mask, deterministic=deterministic)
+
+  def denoise(self, x_t, timesteps, context, mask, deterministic: bool = True):
+    """One network evaluation on noisy images [B, H, W, 3]."""
+    p = self.config.patch_size
+    out = self.unet(space_to_depth(x_t, p), timesteps, context, mask, deterministic=deterministic)
+    return depth_to_space(out, p)
+
+  def __call__(self, x_t, timesteps, tokens, mask, deterministic: bool = True):
+    context = self.encode_text(tokens, mask, deterministic)
+    return self.denoise(x_t, timesteps, context, mask, deterministic)
+
+
+def space_to_depth(x, p: int):
+  """[B, H, W, C] -> [B, H/p, W/p, p*p*C]."""
+  if p == 1:
+    return x
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x, p: int):
+  """Inverse of space_to_depth."""
+  if p == 1:
+    return x
+  b, h, w, _ = x.shape
+  x = x.reshape(b, h, w, p, p, -1).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * p, w * p, -1)
+
+
+def init_params(model: TextToImage, rng: jax.Array, batch_size: int = 1):
+  """Parameters for `model`, initialised from `rng`."""
+  c = model.config
+  h, w = c.image_size
+  x = jnp.zeros((batch_size, h, w, 3), jnp.float32)
+  tokens = jnp.ones((batch_size, c.text_length), jnp.int32)
+  t = jnp.zeros((batch_size,), jnp.int32)
+  return model.init(rng, x, t, tokens, jnp.ones_like(tokens))['params']
