@@ -11,6 +11,7 @@ import numpy as np
 
 from charred import tokenizer
 from charred.models import sampling
+from charred.models.image_codec import make_codec
 from charred.models.text_to_image import TextToImage
 
 
@@ -22,8 +23,9 @@ class ImageGenerator:
   """Samples images for prompts from a TextToImage model and its parameters."""
 
   def __init__(self, model: TextToImage, params, *, num_steps: int = 50,
-               guidance_scale: float = 3.0, spacing: str = 'trailing'):
+               guidance_scale: float = 3.0, spacing: str = 'trailing', codec=None):
     self.model = model
+    self.codec = codec or make_codec(model.config.pixel_space, model.config.autoencoder_path)
     self.params = params
     self.num_steps = num_steps
     self.guidance_scale = guidance_scale
@@ -49,13 +51,14 @@ class ImageGenerator:
     b = tokens.shape[0]
     uncond = jnp.broadcast_to(uncond, (b,) + uncond.shape[1:])
     uncond_mask = jnp.broadcast_to(empty_mask, mask.shape)
-    h, w = c.image_size
-    noise = jax.random.normal(rng, (b, h, w, 3), jnp.float32)
+    noise = jax.random.normal(rng, (b,) + c.diffusion_shape(self.codec), jnp.float32)
     denoise = lambda x, t, ctx, m: apply(x, t, ctx, m, method=TextToImage.denoise)
-    return sampling.ddim_sample(
+    x = sampling.ddim_sample(
         denoise, noise, context, mask, uncond, uncond_mask,
         alphas_cumprod=c.noise_schedule.alphas_cumprod(), prediction_type=c.prediction_type,
-        num_steps=self.num_steps, guidance_scale=self.guidance_scale, spacing=self.spacing)
+        num_steps=self.num_steps, guidance_scale=self.guidance_scale, spacing=self.spacing,
+        clip_sample=1.0 if c.pixel_space else None)
+    return self.codec.decode(x)
 
   def __call__(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 64) -> np.ndarray:
     """Images uint8 [N, H, W, 3] for N prompts; deterministic per (seed, prompt order)."""

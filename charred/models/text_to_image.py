@@ -27,7 +27,10 @@ class TextToImageConfig:
   text_length: int = 64  # bytes, including EOS.
   image_size: tuple[int, int] = (64, 64)  # (height, width) of what the U-Net sees.
   # Pixel space (as DeepFloyd IF's first stage): the U-Net denoises RGB images in [-1, 1].
+  # Otherwise it denoises the latents of a frozen VAE read from `autoencoder_path`
+  # (a diffusers Flax AutoencoderKL folder).
   pixel_space: bool = True
+  autoencoder_path: str | None = None
   # The U-Net sees non-overlapping p x p patches stacked into channels (space-to-depth, as
   # in Simple Diffusion, arXiv 2301.11093): p^2 less work per layer at the same output size.
   patch_size: int = 1
@@ -43,12 +46,24 @@ class TextToImageConfig:
     if h % self.patch_size or w % self.patch_size:
       raise ValueError(f'image_size {self.image_size} is not divisible by patch_size '
                        f'{self.patch_size}.')
-    if self.unet.in_channels != 3 * self.patch_size**2:
-      raise ValueError(f'unet.in_channels must be 3 * patch_size**2 = {3 * self.patch_size**2} '
-                       f'for RGB patches, got {self.unet.in_channels}.')
-    if not self.pixel_space:
-      raise NotImplementedError(
-          'Latent-space training needs a VAE; this build only supports pixel_space=True.')
+
+  def check_codec(self, codec) -> None:
+    """The U-Net must take and give `codec.channels * patch_size**2` channels."""
+    want = codec.channels * self.patch_size**2
+    if self.unet.in_channels != want or self.unet.out_channels != want:
+      raise ValueError(f'unet in/out channels must be {codec.channels} * patch_size**2 = '
+                       f'{want}, got {self.unet.in_channels}/{self.unet.out_channels}.')
+    h, w = self.image_size
+    if (h // codec.downsample_factor) % self.patch_size or (
+        w // codec.downsample_factor) % self.patch_size:
+      raise ValueError(f'image_size {self.image_size} / {codec.downsample_factor} is not '
+                       f'divisible by patch_size {self.patch_size}.')
+
+  def diffusion_shape(self, codec) -> tuple[int, int, int]:
+    """(height, width, channels) of what is noised and denoised."""
+    h, w = self.image_size
+    f = codec.downsample_factor
+    return h // f, w // f, codec.channels
 
 
 class TextToImage(nn.Module):
@@ -63,7 +78,7 @@ class TextToImage(nn.Module):
     return self.text_encoder(tokens, mask, deterministic=deterministic)
 
   def denoise(self, x_t, timesteps, context, mask, deterministic: bool = True):
-    """One network evaluation on noisy images [B, H, W, 3]."""
+    """One network evaluation on noisy images or latents [B, h, w, C]."""
     p = self.config.patch_size
     out = self.unet(space_to_depth(x_t, p), timesteps, context, mask, deterministic=deterministic)
     return depth_to_space(out, p)
@@ -91,11 +106,10 @@ def depth_to_space(x, p: int):
   return x.reshape(b, h * p, w * p, -1)
 
 
-def init_params(model: TextToImage, rng: jax.Array, batch_size: int = 1):
+def init_params(model: TextToImage, rng: jax.Array, codec, batch_size: int = 1):
   """Parameters for `model`, initialised from `rng`."""
   c = model.config
-  h, w = c.image_size
-  x = jnp.zeros((batch_size, h, w, 3), jnp.float32)
+  x = jnp.zeros((batch_size,) + c.diffusion_shape(codec), jnp.float32)
   tokens = jnp.ones((batch_size, c.text_length), jnp.int32)
   t = jnp.zeros((batch_size,), jnp.int32)
   return model.init(rng, x, t, tokens, jnp.ones_like(tokens))['params']

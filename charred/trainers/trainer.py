@@ -16,9 +16,11 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from charred import tokenizer
 from charred.models import diffusion
+from charred.models.image_codec import make_codec
 from charred.models.text_to_image import TextToImage, TextToImageConfig, init_params
 from charred.trainers import checkpoints, optimizer as optimizer_lib
 from charred.trainers.train_state import TrainState, ema_update
@@ -69,19 +71,20 @@ def compute_loss(params, model: TextToImage, config: TrainConfig, batch, rng):
   return jnp.mean(jnp.square(prediction - target))
 
 
-def train_step(state: TrainState, batch, rng, *, model, config: TrainConfig, tx):
-  rng = jax.random.fold_in(rng, state.step)
+def train_step(state: TrainState, batch, rng, *, model, config: TrainConfig, tx, codec):
+  rng, encode_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+  # The frozen codec (identity, or a VAE) runs outside the differentiated function.
+  batch = dict(batch, image=codec.encode(batch['image'], encode_rng))
   loss, grads = jax.value_and_grad(compute_loss)(state.params, model, config, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
   ema = ema_update(state.ema_params, params, state.step, config.ema_decay)
-  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
   new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-  return new_state, {'loss': loss, 'grad_norm': grad_norm}
+  return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
 
 
-def create_state(model: TextToImage, config: TrainConfig, tx) -> TrainState:
-  params = init_params(model, jax.random.PRNGKey(config.seed))
+def create_state(model: TextToImage, config: TrainConfig, tx, codec) -> TrainState:
+  params = init_params(model, jax.random.PRNGKey(config.seed), codec)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree_util.tree_map(jnp.copy, params),
                     opt_state=tx.init(params))
@@ -99,7 +102,8 @@ class Progress:
     self.total, self.batch_size = total_steps, batch_size
     self.last_step, self.last_time = first_step, time.time()
 
-  def line(self, step: int, loss: float) -> str:
+  def line(self, step: int, loss: float) -> tuple[str, float]:
+    """The progress line and the steps/s since the previous report."""
     now = time.time()
     steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
@@ -121,8 +125,10 @@ def train(workdir: str, model_config: TextToImageConfig, config: TrainConfig,
   `evaluators` maps a name to `(every_n_steps, fn(step, ema_params, writer) -> metrics)`.
   """
   model = TextToImage(model_config)
+  codec = make_codec(model_config.pixel_space, model_config.autoencoder_path)
+  model_config.check_codec(codec)
   tx = make_tx(config)
-  state = create_state(model, config, tx)
+  state = create_state(model, config, tx, codec)
   ckpt = checkpoints.Checkpointer(f'{workdir}/checkpoints', config.keep_checkpoints)
   data_state = {'position': 0}
   if ckpt.latest_step() is not None:
@@ -135,7 +141,8 @@ def train(workdir: str, model_config: TextToImageConfig, config: TrainConfig,
   log(f'{num_params:,} parameters; training to step {config.train_steps} with batch '
       f'{config.batch_size}.')
 
-  step_fn = jax.jit(functools.partial(train_step, model=model, config=config, tx=tx),
+  step_fn = jax.jit(functools.partial(train_step, model=model, config=config, tx=tx,
+                                      codec=codec),
                     donate_argnums=0)
   rng = jax.random.PRNGKey(config.seed + 1)
   evaluators = evaluators or {}

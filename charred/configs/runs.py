@@ -1,0 +1,53 @@
+"""A finished or running training run, rebuilt from its workdir."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import gin
+import jax
+
+from charred.configs import gin_utils
+from charred.configs.experiment import Experiment
+from charred.models.image_codec import make_codec
+from charred.models.text_to_image import TextToImage
+from charred.trainers import checkpoints, trainer
+
+
+@dataclasses.dataclass
+class Run:
+  experiment: Experiment
+  model: TextToImage
+  state: trainer.TrainState
+  data_state: dict[str, Any]
+
+  @property
+  def params(self):
+    """The EMA parameters: what sampling uses."""
+    return self.state.ema_params
+
+  @property
+  def step(self) -> int:
+    return int(self.state.step)
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+  """Parses workdir/config.gin and restores the train state of `step` (default: newest)."""
+  config = os.path.join(workdir, 'config.gin')
+  if not os.path.exists(config):
+    raise FileNotFoundError(f'{config} not found: is {workdir!r} a charred workdir?')
+  gin.clear_config()
+  gin_utils.parse([config])
+  experiment = gin.get_configurable(Experiment)()
+  model = TextToImage(experiment.model)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints.')
+  tx = trainer.make_tx(experiment.train)
+  codec = make_codec(experiment.model.pixel_space, experiment.model.autoencoder_path)
+  abstract = jax.eval_shape(lambda: trainer.create_state(model, experiment.train, tx, codec))
+  state, data_state = ckpt.restore(abstract, step)
+  ckpt.close()
+  return Run(experiment, model, state, data_state)
