@@ -63,8 +63,3 @@ class TextRenderingEvaluator:
     writer.write_scalars(step, metrics)
     return metrics
 
-
-def summarize(metrics: dict[str, float]) -> str:
-  keys = ('exact_match', 'exact_match_ci', 'ned')
-  return ', '.join(f'{k} {metrics[f"eval/{k}"]:.3f}' for k in keys if f'eval/{k}' in metrics)
-
