@@ -1,0 +1,69 @@
+"""Gin at the entry points only: flags, search path, parsing, the operative config.
+
+Experiment files use `from __gin__ import dynamic_registration` and bind the library's
+plain dataclasses and functions directly, as t5x does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from typing import Sequence
+
+import gin
+
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), 'gin')
+
+
+def rewrite_gin_shorthand(argv: Sequence[str]) -> list[str]:
+  """t5x's `--gin.NAME=VALUE` shorthand -> `--gin_bindings=NAME=VALUE`."""
+  out = []
+  for arg in argv:
+    if arg.startswith('--gin.'):
+      arg = '--gin_bindings=' + arg[len('--gin.'):]
+    out.append(arg)
+  return out
+
+
+def parse(gin_files: Sequence[str], gin_bindings: Sequence[str] = ()) -> None:
+  """Parses files and bindings; the repo's gin/ directory is on the search path."""
+  for path in (GIN_DIR, os.getcwd()):
+    if path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+      gin.add_config_file_search_path(path)
+  for f in gin_files:
+    if not _find(f):
+      raise FileNotFoundError(f'gin file not found: {f} (searched ., {GIN_DIR})')
+  with _quiet_root_logger():
+    gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings),
+                                        finalize_config=False)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+  """Gin logs 'Path not found' for every search-path miss before it finds an include;
+  real failures still raise."""
+  root = logging.getLogger()
+  level = root.level
+  root.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    root.setLevel(level)
+
+
+def _find(path: str) -> bool:
+  return os.path.exists(path) or os.path.exists(os.path.join(GIN_DIR, path))
+
+
+def error_line(e: BaseException) -> str:
+  """Gin's messages span lines (with the offending file and line); keep one."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return ' '.join(lines[:2]) if lines else type(e).__name__
+
+
+def exit_with_error(prog: str, e: BaseException) -> None:
+  print(f'{prog}: error: {error_line(e)}', file=sys.stderr)
+  sys.exit(2)

@@ -1,0 +1,82 @@
+r"""Scores a trained run's text rendering with OCR; prints one JSON line.
+
+  python -m charred.evaluate --workdir=DIR [--words_file=F]
+
+Samples `A sign that says "<word>".` for every held-out word (the run's validation words,
+or one word per line of F, rendered as written there), reads each image with OCR and
+reports exact match (case-sensitive and not), NED and per-frequency-bucket accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+
+from charred.configs import gin_utils
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.gin + checkpoints).')
+_WORDS_FILE = flags.DEFINE_string('words_file', None, 'One word per line (default: the '
+                                  "run's validation words).")
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_STEPS = flags.DEFINE_integer('steps', 50, 'DDIM steps.')
+_GUIDANCE = flags.DEFINE_float('guidance_scale', 3.0, 'Classifier-free guidance scale.')
+_BATCH = flags.DEFINE_integer('batch_size', 100, 'Prompts sampled at once.')
+_SAMPLES = flags.DEFINE_string('samples_png', None, 'Also write a labelled grid here.')
+_STEP = flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: newest).')
+
+
+def read_words(path: str) -> list[str]:
+  with open(path, encoding='utf-8') as f:
+    words = [line.strip() for line in f if line.strip()]
+  if not words:
+    raise ValueError(f'{path} holds no words.')
+  return words
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from charred.configs import runs  # pylint: disable=g-import-not-at-top
+  from charred.evaluation import grid, text_metrics  # pylint: disable=g-import-not-at-top
+  from charred.evaluation.ocr import OcrReader  # pylint: disable=g-import-not-at-top
+  from charred.models.generation import ImageGenerator, PromptTooLongError  # pylint: disable=g-import-not-at-top
+  if not _WORKDIR.value:
+    gin_utils.exit_with_error('charred.evaluate', ValueError('--workdir is required.'))
+  start = time.time()
+  try:
+    run = runs.load_run(_WORKDIR.value, _STEP.value)
+    if _WORDS_FILE.value:
+      from charred.datasets import words as words_lib  # pylint: disable=g-import-not-at-top
+      texts = read_words(_WORDS_FILE.value)
+      buckets = [words_lib.frequency_bucket(t.lower()) for t in texts]
+      template = 'A sign that says "{}".'
+      prompts = [template.format(t) for t in texts]
+    else:
+      from charred.datasets import pipeline  # pylint: disable=g-import-not-at-top
+      data = run.experiment.data
+      targets = pipeline.rendering_targets(data.builder_config, 'validation', data.data_dir)
+      prompts = [t['prompt'] for t in targets]
+      texts = [t['text'] for t in targets]
+      buckets = [t['bucket'] for t in targets]
+    generator = ImageGenerator(run.model, run.params, num_steps=_STEPS.value,
+                               guidance_scale=_GUIDANCE.value)
+    images = generator(prompts, seed=_SEED.value, batch_size=_BATCH.value)
+  except (PromptTooLongError, FileNotFoundError, ValueError) as e:
+    gin_utils.exit_with_error('charred.evaluate', e)
+  read = OcrReader().read(images)
+  result = text_metrics.score(read, texts, buckets=buckets)
+  if _SAMPLES.value:
+    labels = [f'{t} -> {r}' for t, r in zip(texts, read)]
+    os.makedirs(os.path.dirname(os.path.abspath(_SAMPLES.value)), exist_ok=True)
+    grid.save_png(_SAMPLES.value, grid.make_grid(images, labels))
+  result.update(step=run.step, steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
+                seconds=round(time.time() - start, 1))
+  print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,50 @@
+r"""Samples an image for a prompt from a trained run.
+
+  python -m charred.sample --workdir=DIR --prompt='A sign that says "hello".' \
+      --output=out.png [--seed=0] [--steps=50] [--guidance_scale=3.0] [--num_images=1]
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from charred.configs import gin_utils
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.gin + checkpoints).')
+_PROMPT = flags.DEFINE_string('prompt', None, 'Text prompt.')
+_OUTPUT = flags.DEFINE_string('output', 'sample.png', 'PNG file to write.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_STEPS = flags.DEFINE_integer('steps', 50, 'DDIM steps.')
+_GUIDANCE = flags.DEFINE_float('guidance_scale', 3.0, 'Classifier-free guidance scale.')
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 1, 'Images side by side in the output.')
+_STEP = flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: newest).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Imported after flag parsing so that --help is fast.
+  from charred.configs import runs  # pylint: disable=g-import-not-at-top
+  from charred.evaluation import grid  # pylint: disable=g-import-not-at-top
+  from charred.models.generation import ImageGenerator, PromptTooLongError  # pylint: disable=g-import-not-at-top
+  if not _WORKDIR.value or _PROMPT.value is None:
+    gin_utils.exit_with_error('charred.sample', ValueError('--workdir and --prompt are required.'))
+  try:
+    run = runs.load_run(_WORKDIR.value, _STEP.value)
+    generator = ImageGenerator(run.model, run.params, num_steps=_STEPS.value,
+                               guidance_scale=_GUIDANCE.value)
+    images = generator([_PROMPT.value] * _NUM_IMAGES.value, seed=_SEED.value)
+  except (PromptTooLongError, FileNotFoundError, ValueError) as e:
+    gin_utils.exit_with_error('charred.sample', e)
+  picture = np.concatenate(list(images), axis=1)
+  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+  grid.save_png(_OUTPUT.value, picture)
+  print(f'Wrote {_OUTPUT.value} ({picture.shape[1]}x{picture.shape[0]}) from step {run.step}.')
+
+
+if __name__ == '__main__':
+  app.run(main)
