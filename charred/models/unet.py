@@ -39,6 +39,10 @@ class UNetConfig:
   # Per block (or all): attn1 attends to the text instead of the image, as in diffusers.
   # Saves self-attention's quadratic cost at high resolution.
   only_cross_attention: bool | Sequence[bool] = False
+  # A learned embedding per input position [H, W, C0], added after conv_in. SD's U-Net has
+  # none: it infers position from convolution padding, slowly. Text rendering needs to
+  # know which column belongs to which character. Fixes the input resolution.
+  position_embedding: bool = False
   use_linear_projection: bool = True
   upcast_attention: bool = True
   flip_sin_to_cos: bool = True
@@ -211,11 +215,14 @@ class Transformer2D(nn.Module):
 
 
 class Downsample(nn.Module):
+  """[B,H,W,C] -> [B,H/2,W/2,C] by a 3x3 stride-2 conv. The U-Net pads symmetrically;
+  diffusers' VAE pads the bottom/right only, ((0, 1), (0, 1))."""
   dtype: Dtype = jnp.float32
+  padding: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1))
 
   @nn.compact
   def __call__(self, x):
-    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=self.padding,
                    dtype=self.dtype, name='conv')(x)
 
 
@@ -314,6 +321,10 @@ class UNet(nn.Module):
 
     x = nn.Conv(channels[0], (3, 3), padding=((1, 1), (1, 1)), dtype=c.dtype,
                 name='conv_in')(sample.astype(c.dtype))
+    if c.position_embedding:
+      table = self.param('position_embedding', nn.initializers.normal(0.02), x.shape[1:],
+                         jnp.float32)
+      x = x + table.astype(c.dtype)[None]
     skips = [x]
     for level, block_type in enumerate(c.down_block_types):
       x, block_skips = DownBlock(c, level, block_type.startswith('CrossAttn'),

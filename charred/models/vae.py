@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from charred.models.unet import Upsample
+from charred.models.unet import Downsample, Upsample
 
 Dtype = Any
 
@@ -83,17 +83,6 @@ class AttentionBlock(nn.Module):
     return x + y.reshape(b, h, w, ch)
 
 
-class Downsample(nn.Module):
-  """[B,H,W,C] -> [B,H/2,W/2,C]: 3x3 stride-2 conv padded on the bottom/right only, as
-  diffusers' VAE does (the U-Net's `Downsample` pads symmetrically)."""
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)),
-                   dtype=self.dtype, name='conv')(x)
-
-
 class MidBlock(nn.Module):
   """ResNet -> attention -> ResNet at constant width: [B,H,W,C] -> same."""
   config: AutoencoderKLConfig
@@ -118,7 +107,7 @@ class DownEncoderBlock(nn.Module):
     for j in range(c.layers_per_block):
       x = ResnetBlock(c, self.features, name=f'resnets_{j}')(x)
     if self.add_downsample:
-      x = Downsample(c.dtype, name='downsamplers_0')(x)
+      x = Downsample(c.dtype, padding=((0, 1), (0, 1)), name='downsamplers_0')(x)
     return x
 
 
