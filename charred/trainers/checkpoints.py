@@ -18,7 +18,10 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        # A run killed mid-save leaves a *.orbax-checkpoint-tmp directory: remove it on
+        # start, so that the resumed run can save that step again.
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             cleanup_tmp_directories=True),
         item_names=('state', 'data'))
 
   def latest_step(self) -> int | None:
