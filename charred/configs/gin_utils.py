@@ -28,11 +28,15 @@ def rewrite_gin_shorthand(argv: Sequence[str]) -> list[str]:
   return out
 
 
+_search_paths_added: set[str] = set()
+
+
 def parse(gin_files: Sequence[str], gin_bindings: Sequence[str] = ()) -> None:
   """Parses files and bindings; the repo's gin/ directory is on the search path."""
   for path in (GIN_DIR, os.getcwd()):
-    if path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+    if path not in _search_paths_added:
       gin.add_config_file_search_path(path)
+      _search_paths_added.add(path)
   for f in gin_files:
     if not _find(f):
       raise FileNotFoundError(f'gin file not found: {f} (searched ., {GIN_DIR})')
