@@ -41,20 +41,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from charred.configs import runs  # pylint: disable=g-import-not-at-top
-  from charred.evaluation import grid, text_metrics  # pylint: disable=g-import-not-at-top
+  from charred.evaluation import grid  # pylint: disable=g-import-not-at-top
   from charred.evaluation.ocr import OcrReader  # pylint: disable=g-import-not-at-top
   from charred.models.generation import ImageGenerator, PromptTooLongError  # pylint: disable=g-import-not-at-top
+  from charred.trainers import evaluators  # pylint: disable=g-import-not-at-top
   if not _WORKDIR.value:
     gin_utils.exit_with_error('charred.evaluate', ValueError('--workdir is required.'))
   start = time.time()
   try:
     run = runs.load_run(_WORKDIR.value, _STEP.value)
     if _WORDS_FILE.value:
-      from charred.datasets import words as words_lib  # pylint: disable=g-import-not-at-top
+      from charred.datasets import render, words as words_lib  # pylint: disable=g-import-not-at-top
       texts = read_words(_WORDS_FILE.value)
       buckets = [words_lib.frequency_bucket(t.lower()) for t in texts]
-      template = 'A sign that says "{}".'
-      prompts = [template.format(t) for t in texts]
+      prompts = [render.caption(t) for t in texts]
     else:
       from charred.datasets import pipeline  # pylint: disable=g-import-not-at-top
       data = run.experiment.data
@@ -67,10 +67,8 @@ def main(argv):
     images = generator(prompts, seed=_SEED.value, batch_size=_BATCH.value)
   except (PromptTooLongError, FileNotFoundError, ValueError) as e:
     gin_utils.exit_with_error('charred.evaluate', e)
-  read = OcrReader().read(images)
-  result = text_metrics.score(read, texts, buckets=buckets)
+  result, labels = evaluators.read_and_score(OcrReader(), images, texts, buckets)
   if _SAMPLES.value:
-    labels = [f'{t} -> {r}' for t, r in zip(texts, read)]
     os.makedirs(os.path.dirname(os.path.abspath(_SAMPLES.value)), exist_ok=True)
     grid.save_png(_SAMPLES.value, grid.make_grid(images, labels))
   result.update(step=run.step, steps=_STEPS.value, guidance_scale=_GUIDANCE.value,

@@ -3,7 +3,6 @@
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 
@@ -14,7 +13,6 @@ from charred.models.image_codec import load_diffusers_flax_autoencoder, make_cod
 from charred.models.t5_encoder import T5EncoderConfig
 from charred.models.text_to_image import TextToImage, TextToImageConfig
 from charred.models.unet import UNetConfig
-from charred.models.vae import AutoencoderKL
 from charred.trainers import trainer
 
 VAE_DIR = os.path.join(os.path.dirname(__file__), 'fixtures', 'diffusers_flax', 'vae')

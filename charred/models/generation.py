@@ -26,6 +26,7 @@ class ImageGenerator:
                guidance_scale: float = 3.0, spacing: str = 'trailing', codec=None):
     self.model = model
     self.codec = codec or make_codec(model.config.pixel_space, model.config.autoencoder_path)
+    model.config.check_codec(self.codec)
     self.params = params
     self.num_steps = num_steps
     self.guidance_scale = guidance_scale

@@ -42,13 +42,10 @@ class TextToImageConfig:
     if self.unet.cross_attention_dim != self.text_encoder.d_model:
       raise ValueError(f'unet.cross_attention_dim ({self.unet.cross_attention_dim}) must equal '
                        f'text_encoder.d_model ({self.text_encoder.d_model}).')
-    h, w = self.image_size
-    if h % self.patch_size or w % self.patch_size:
-      raise ValueError(f'image_size {self.image_size} is not divisible by patch_size '
-                       f'{self.patch_size}.')
 
   def check_codec(self, codec) -> None:
-    """The U-Net must take and give `codec.channels * patch_size**2` channels."""
+    """The U-Net must take and give `codec.channels * patch_size**2` channels, and
+    patches must tile what is diffused (image_size / the codec's downsampling)."""
     want = codec.channels * self.patch_size**2
     if self.unet.in_channels != want or self.unet.out_channels != want:
       raise ValueError(f'unet in/out channels must be {codec.channels} * patch_size**2 = '

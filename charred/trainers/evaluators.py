@@ -29,6 +29,13 @@ class RenderingTarget:
   bucket: str = ''
 
 
+def read_and_score(ocr: OcrReader, images, texts: Sequence[str], buckets: Sequence[str]):
+  """OCR the images: (text_metrics.score of the readings, a '✓ target → read' label each)."""
+  read = ocr.read(images)
+  return (text_metrics.score(read, texts, buckets=buckets),
+          [grid.ocr_label(t, r) for t, r in zip(texts, read)])
+
+
 class TextRenderingEvaluator:
   """Samples a fixed grid of held-out prompts and scores them with OCR.
 
@@ -50,10 +57,8 @@ class TextRenderingEvaluator:
     self.generator.params = params
     images = self.generator([t.prompt for t in self.targets], seed=self.config.seed,
                             batch_size=len(self.targets))
-    read = self.ocr.read(images)
-    texts = [t.text for t in self.targets]
-    scores = text_metrics.score(read, texts, buckets=[t.bucket for t in self.targets])
-    labels = [f'{t} -> {r}' for t, r in zip(texts, read)]
+    scores, labels = read_and_score(self.ocr, images, [t.text for t in self.targets],
+                                    [t.bucket for t in self.targets])
     picture = grid.make_grid(images, labels)
     os.makedirs(self.sample_dir, exist_ok=True)
     grid.save_png(os.path.join(self.sample_dir, f'step_{step}.png'), picture)
