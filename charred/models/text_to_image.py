@@ -109,4 +109,5 @@ def init_params(model: TextToImage, rng: jax.Array, codec, batch_size: int = 1):
   x = jnp.zeros((batch_size,) + c.diffusion_shape(codec), jnp.float32)
   tokens = jnp.ones((batch_size, c.text_length), jnp.int32)
   t = jnp.zeros((batch_size,), jnp.int32)
-  return model.init(rng, x, t, tokens, jnp.ones_like(tokens))['params']
+  # Parameters carry logical axis names (for sharding); training wants plain arrays.
+  return nn.meta.unbox(model.init(rng, x, t, tokens, jnp.ones_like(tokens))['params'])
