@@ -23,12 +23,21 @@ setuptools.setup(
         "wordfreq",
         "rapidfuzz",
         "rapidocr-onnxruntime==1.4.4",
+        # Checkpoint formats (charred.models.convert):
+        "msgpack",
+        "ml-dtypes",
+        "safetensors",
+        "tensorstore",
         # Data layer only (charred.models / charred.trainers import without these):
         "tensorflow",
         "tensorflow-datasets",
         "seqio",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "transformers"],
+        # PyTorch .bin checkpoints. A pinned CPU build: plain `torch` pulls GBs of CUDA.
+        "torch": ["torch==2.13.0"],
+        # References for the parity tests. Never torchvision: the registry's build is
+        # CUDA-only and breaks `import transformers` on CPU hosts.
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "transformers"],
     },
 )

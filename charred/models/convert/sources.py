@@ -42,7 +42,8 @@ def _np_dtype(name: str) -> np.dtype:
 
 
 def open_safetensors(path: str) -> dict[str, LazyTensor]:
-  """A .safetensors file, memory-mapped (bfloat16 included, through ml_dtypes)."""
+  """A .safetensors file, memory-mapped (bfloat16 included, through ml_dtypes). The
+  library itself refuses truncated files (data not covering the header's offsets)."""
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   try:
     handle = safe_open(path, framework='np')
@@ -54,14 +55,6 @@ def open_safetensors(path: str) -> dict[str, LazyTensor]:
           sl.get_dtype(), sl.get_dtype().lower())), lambda n=name: handle.get_tensor(n))
   except Exception as e:  # safetensors raises SafetensorError and OSError variants.
     raise CheckpointFormatError(f'{path}: not a readable safetensors file ({e}).') from e
-  # A truncated file has a valid header but data offsets beyond the end of the file.
-  with open(path, 'rb') as f:
-    header_len = struct.unpack('<Q', f.read(8))[0]
-  size = os.path.getsize(path)
-  needed = 8 + header_len + sum(t.nbytes for t in tensors.values())
-  if size < needed:
-    raise CheckpointFormatError(f'{path}: truncated ({size} bytes, the header describes '
-                                f'{needed}).')
   return tensors
 
 
@@ -198,8 +191,10 @@ def unpack_value(data: bytes):
   """One msgpack value decoded with flax's array extensions, chunked arrays joined."""
   value = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
   if isinstance(value, dict) and value.get(_CHUNKED_ARRAY_KEY):
-    chunks = [value['chunks'][k] for k in sorted(value['chunks'], key=int)]
-    return np.concatenate([np.ravel(c) for c in chunks]).reshape(value['shape'])
+    # flax stores tuples as {'0': ..., '1': ...} maps.
+    as_list = lambda d: [d[k] for k in sorted(d, key=int)] if isinstance(d, dict) else list(d)
+    chunks = as_list(value['chunks'])
+    return np.concatenate([np.ravel(c) for c in chunks]).reshape(as_list(value['shape']))
   return value
 
 
@@ -261,26 +256,54 @@ def open_flax_msgpack(path: str) -> dict[str, LazyTensor]:
 
 
 def _peek_array_header(path: str, offset: int, length: int):
-  """(shape, dtype) of a flax ndarray ext value without reading its buffer, else None."""
+  """(shape, dtype) of a flax ndarray value without reading its buffer, else None."""
+  del length
   with open(path, 'rb') as f:
     f.seek(offset)
-    b = f.read(1)[0]
-    if b not in (0xc7, 0xc8, 0xc9):
-      if length > 64 * 1024:  # a chunked array (a map): decode it (rare, > 1 GiB tensors)
-        value = _read_value(path, offset, length)
-        if isinstance(value, np.ndarray):
-          return value.shape, value.dtype
-      return None
-    n = {0xc7: 1, 0xc8: 2, 0xc9: 4}[b]
-    f.read(n)
-    if f.read(1)[0] not in (1, 3):
-      return None
-    # The ext payload is a msgpack array [shape, dtype, buffer]; read the first two.
-    unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=1 << 16)
-    if unpacker.read_array_header() != 3:
-      return None
-    shape, dtype = unpacker.unpack(), unpacker.unpack()
-    return tuple(shape), _np_dtype(dtype)
+    return _array_header(_Reader(f, path))
+
+
+def _array_header(reader: _Reader):
+  f = reader.f
+  start = f.tell()
+  b = reader.read(1)[0]
+  container = reader.container_length(b)
+  if container and container[0] == 'map':  # flax's chunked array: {shape, chunks, ...}
+    shape = dtype = None
+    for _ in range(container[1]):
+      key = reader.key()
+      value_start = f.tell()
+      if key == 'shape':
+        reader.skip()
+        end = f.tell()
+        f.seek(value_start)
+        raw = msgpack.unpackb(reader.read(end - value_start), raw=False, strict_map_key=False)
+        shape = tuple(raw[k] for k in sorted(raw, key=int)) if isinstance(raw, dict) else tuple(raw)
+      elif key == 'chunks':
+        chunks = reader.container_length(reader.read(1)[0])
+        if chunks and chunks[1]:
+          if chunks[0] == 'map':
+            reader.key()
+          first = _array_header(reader)
+          dtype = first[1] if first else None
+        f.seek(value_start)
+        reader.skip()
+      else:
+        reader.skip()
+    return (shape, dtype) if shape is not None and dtype is not None else None
+  if b not in (0xc7, 0xc8, 0xc9):
+    f.seek(start)
+    return None
+  n = {0xc7: 1, 0xc8: 2, 0xc9: 4}[b]
+  reader.read(n)
+  if reader.read(1)[0] not in (1, 3):
+    return None
+  # The ext payload is a msgpack array [shape, dtype, buffer]; read the first two.
+  unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=1 << 16)
+  if unpacker.read_array_header() != 3:
+    return None
+  shape, dtype = unpacker.unpack(), unpacker.unpack()
+  return tuple(shape), _np_dtype(dtype)
 
 
 # --- t5x ------------------------------------------------------------------------------------
