@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import jax.numpy as jnp
 
@@ -34,6 +35,11 @@ class TextToImageConfig:
   # The U-Net sees non-overlapping p x p patches stacked into channels (space-to-depth, as
   # in Simple Diffusion, arXiv 2301.11093): p^2 less work per layer at the same output size.
   patch_size: int = 1
+  # Start from converted or foreign weights (any format `charred.models.load_pretrained`
+  # reads, e.g. a t5x ByT5 checkpoint or an SD 2.1 unet/ folder) instead of random ones.
+  # The checkpoint's shapes must fit `text_encoder` / `unet` above.
+  text_encoder_checkpoint: str | None = None
+  unet_checkpoint: str | None = None
 
   def __post_init__(self):
     if self.prediction_type not in diffusion.PREDICTION_TYPES:
@@ -104,10 +110,35 @@ def depth_to_space(x, p: int):
 
 
 def init_params(model: TextToImage, rng: jax.Array, codec, batch_size: int = 1):
-  """Parameters for `model`, initialised from `rng`."""
+  """Parameters for `model`: initialised from `rng`, then the text encoder and U-Net
+  replaced by their pretrained checkpoints where the config names them."""
   c = model.config
   x = jnp.zeros((batch_size,) + c.diffusion_shape(codec), jnp.float32)
   tokens = jnp.ones((batch_size, c.text_length), jnp.int32)
   t = jnp.zeros((batch_size,), jnp.int32)
   # Parameters carry logical axis names (for sharding); training wants plain arrays.
-  return nn.meta.unbox(model.init(rng, x, t, tokens, jnp.ones_like(tokens))['params'])
+  params = nn.meta.unbox(model.init(rng, x, t, tokens, jnp.ones_like(tokens))['params'])
+  params = dict(params)
+  for part, path in (('text_encoder', c.text_encoder_checkpoint), ('unet', c.unet_checkpoint)):
+    if path:
+      params[part] = _load_part(path, part, params[part])
+  return params
+
+
+def _load_part(path: str, part: str, initial):
+  """Pretrained parameters for `part`, checked name by name against `initial`."""
+  from charred.models import pretrained  # pylint: disable=g-import-not-at-top
+  _, loaded = pretrained.load_pretrained(path)
+  want = flatten_dict(initial, sep='/')
+  got = flatten_dict(loaded, sep='/')
+  for name, value in want.items():
+    if name not in got or tuple(got[name].shape) != tuple(value.shape):
+      raise ValueError(f'{path}: {part} parameter {name} has shape '
+                       f'{tuple(got[name].shape) if name in got else None}, the model config '
+                       f'needs {tuple(value.shape)}.')
+  extra = sorted(set(got) - set(want))
+  if extra:
+    raise ValueError(f'{path}: {part} parameter {extra[0]} is not in the model config '
+                     f'({len(extra)} extra).')
+  return unflatten_dict({tuple(k.split('/')): jnp.asarray(v, jnp.float32)
+                         for k, v in got.items()})
