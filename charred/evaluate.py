@@ -1,6 +1,7 @@
 r"""Scores a trained run's text rendering with OCR; prints one JSON line.
 
-  python -m charred.evaluate --workdir=DIR [--words_file=F]
+  python -m charred.evaluate --workdir=DIR [--words_file=F] [--steps=50] \
+      [--guidance_scale=3.0] [--scheduler=ddim] [--guidance_rescale=0.0]
 
 Samples `A sign that says "<word>".` for every held-out word (the run's validation words,
 or one word per line of F, rendered as written there), reads each image with OCR and
@@ -22,8 +23,12 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.gin + 
 _WORDS_FILE = flags.DEFINE_string('words_file', None, 'One word per line (default: the '
                                   "run's validation words).")
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-_STEPS = flags.DEFINE_integer('steps', 50, 'DDIM steps.')
+_STEPS = flags.DEFINE_integer('steps', 50, 'Sampling steps.')
 _GUIDANCE = flags.DEFINE_float('guidance_scale', 3.0, 'Classifier-free guidance scale.')
+_SCHEDULER = flags.DEFINE_string('scheduler', 'ddim', 'Sampler: ddim, ddpm, euler, '
+                                 'euler_ancestral or dpmpp_2m (trailing spacing).')
+_RESCALE = flags.DEFINE_float('guidance_rescale', 0.0, 'Guidance rescale phi in [0, 1] '
+                              '(0.7 suits a zero-terminal-SNR schedule).')
 _BATCH = flags.DEFINE_integer('batch_size', 100, 'Prompts sampled at once.')
 _SAMPLES = flags.DEFINE_string('samples_png', None, 'Also write a labelled grid here.')
 _STEP = flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: newest).')
@@ -43,12 +48,14 @@ def main(argv):
   from charred.configs import runs  # pylint: disable=g-import-not-at-top
   from charred.evaluation import grid  # pylint: disable=g-import-not-at-top
   from charred.evaluation.ocr import OcrReader  # pylint: disable=g-import-not-at-top
+  from charred.models import schedulers  # pylint: disable=g-import-not-at-top
   from charred.models.generation import ImageGenerator, PromptTooLongError  # pylint: disable=g-import-not-at-top
   from charred.trainers import evaluators  # pylint: disable=g-import-not-at-top
   if not _WORKDIR.value:
     gin_utils.exit_with_error('charred.evaluate', ValueError('--workdir is required.'))
   start = time.time()
   try:
+    schedulers.lookup(_SCHEDULER.value)  # a bad name fails before the run loads
     run = runs.load_run(_WORKDIR.value, _STEP.value)
     if _WORDS_FILE.value:
       from charred.datasets import render, words as words_lib  # pylint: disable=g-import-not-at-top
@@ -63,7 +70,8 @@ def main(argv):
       texts = [t['text'] for t in targets]
       buckets = [t['bucket'] for t in targets]
     generator = ImageGenerator(run.model, run.params, num_steps=_STEPS.value,
-                               guidance_scale=_GUIDANCE.value)
+                               guidance_scale=_GUIDANCE.value, scheduler=_SCHEDULER.value,
+                               guidance_rescale=_RESCALE.value)
     images = generator(prompts, seed=_SEED.value, batch_size=_BATCH.value)
   except (PromptTooLongError, FileNotFoundError, ValueError) as e:
     gin_utils.exit_with_error('charred.evaluate', e)
@@ -72,6 +80,7 @@ def main(argv):
     os.makedirs(os.path.dirname(os.path.abspath(_SAMPLES.value)), exist_ok=True)
     grid.save_png(_SAMPLES.value, grid.make_grid(images, labels))
   result.update(step=run.step, steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
+                scheduler=_SCHEDULER.value, guidance_rescale=_RESCALE.value,
                 seconds=round(time.time() - start, 1))
   print(json.dumps(result, sort_keys=True))
 

@@ -1,7 +1,8 @@
-"""Prompts in, images out: tokenise, encode once, DDIM-sample with guidance."""
+"""Prompts in, images out: tokenise, encode once, sample with guidance."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from charred import tokenizer
 from charred.models import sampling
+from charred.models import schedulers
 from charred.models.image_codec import make_codec
 from charred.models.text_to_image import TextToImage
 
@@ -20,18 +22,38 @@ class PromptTooLongError(ValueError):
 
 
 class ImageGenerator:
-  """Samples images for prompts from a TextToImage model and its parameters."""
+  """Samples images for prompts from a TextToImage model and its parameters.
+
+  `scheduler` is a name in `schedulers.SCHEDULERS` (built with `spacing`, and for
+  DDPM/DDIM clipping x0 to [-1, 1] in pixel space) or a `schedulers.Scheduler`. Either
+  way the model's noise schedule and prediction type replace the scheduler's own.
+  `guidance_rescale` is diffusers' phi (0.7 with a zero-terminal-SNR schedule).
+  """
 
   def __init__(self, model: TextToImage, params, *, num_steps: int = 50,
-               guidance_scale: float = 3.0, spacing: str = 'trailing', codec=None):
+               guidance_scale: float = 3.0, spacing: str = 'trailing', codec=None,
+               scheduler: str | schedulers.Scheduler = 'ddim', guidance_rescale: float = 0.0):
     self.model = model
     self.codec = codec or make_codec(model.config.pixel_space, model.config.autoencoder_path)
     model.config.check_codec(self.codec)
+    if not 0.0 <= guidance_rescale <= 1.0:
+      raise ValueError(f'guidance_rescale must be in [0, 1], got {guidance_rescale}.')
     self.params = params
     self.num_steps = num_steps
     self.guidance_scale = guidance_scale
-    self.spacing = spacing
+    self.guidance_rescale = guidance_rescale
+    self.scheduler = self._bind(scheduler, spacing)
     self._sample = jax.jit(self._sample_impl)
+
+  def _bind(self, scheduler, spacing: str) -> schedulers.Scheduler:
+    c = self.model.config
+    model_kwargs = dict(schedule=c.noise_schedule, prediction_type=c.prediction_type)
+    if not isinstance(scheduler, str):
+      return dataclasses.replace(scheduler, **model_kwargs)
+    cls = schedulers.lookup(scheduler)
+    if 'clip_sample' in {f.name for f in dataclasses.fields(cls)}:
+      model_kwargs['clip_sample'] = 1.0 if c.pixel_space else None
+    return cls(spacing=spacing, **model_kwargs)
 
   def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     length = self.model.config.text_length
@@ -54,11 +76,10 @@ class ImageGenerator:
     uncond_mask = jnp.broadcast_to(empty_mask, mask.shape)
     noise = jax.random.normal(rng, (b,) + c.diffusion_shape(self.codec), jnp.float32)
     denoise = lambda x, t, ctx, m: apply(x, t, ctx, m, method=TextToImage.denoise)
-    x = sampling.ddim_sample(
-        denoise, noise, context, mask, uncond, uncond_mask,
-        alphas_cumprod=c.noise_schedule.alphas_cumprod(), prediction_type=c.prediction_type,
-        num_steps=self.num_steps, guidance_scale=self.guidance_scale, spacing=self.spacing,
-        clip_sample=1.0 if c.pixel_space else None)
+    x = sampling.sample(
+        denoise, noise, context, mask, uncond, uncond_mask, scheduler=self.scheduler,
+        num_steps=self.num_steps, guidance_scale=self.guidance_scale,
+        guidance_rescale=self.guidance_rescale, rng=jax.random.fold_in(rng, 1))
     return self.codec.decode(x)
 
   def __call__(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 64) -> np.ndarray:

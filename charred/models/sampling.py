@@ -1,14 +1,15 @@
-"""DDIM sampling with classifier-free guidance, jitted as one `lax.fori_loop`."""
+"""Sampling with classifier-free guidance, the whole loop one `lax.fori_loop`."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from charred.models import diffusion
+from charred.models import schedulers as schedulers_lib
 
 # denoise(x_t [B,H,W,C], t [B], context [B,L,E], mask [B,L]) -> model output like x_t.
 DenoiseFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -17,20 +18,71 @@ DenoiseFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 def ddim_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 'trailing',
                    steps_offset: int = 0) -> np.ndarray:
   """Descending timesteps, as diffusers' DDIMScheduler.set_timesteps spaces them."""
-  if not 0 < num_steps <= num_train_timesteps:
-    raise ValueError(f'num_steps must be in [1, {num_train_timesteps}], got {num_steps}.')
-  if spacing == 'leading':
-    ratio = num_train_timesteps // num_steps
-    steps = (np.arange(num_steps) * ratio).round()[::-1] + steps_offset
-  elif spacing == 'trailing':
-    ratio = num_train_timesteps / num_steps
-    steps = np.round(np.arange(num_train_timesteps, 0, -ratio)) - 1
-  elif spacing == 'linspace':
-    steps = np.linspace(0, num_train_timesteps - 1, num_steps).round()[::-1]
-  else:
-    raise ValueError(f"Unknown timestep spacing {spacing!r}; expected 'leading', "
-                     "'trailing' or 'linspace'.")
-  return steps.astype(np.int32)
+  return schedulers_lib.spaced_timesteps(num_train_timesteps, num_steps, spacing, steps_offset)
+
+
+def rescale_noise_cfg(guided: jax.Array, cond: jax.Array, guidance_rescale: float) -> jax.Array:
+  """diffusers' `rescale_noise_cfg` (arXiv 2305.08891, section 3.4): give the guided output
+  the per-example std of the conditional one, mixed back in by `guidance_rescale`."""
+  axes = tuple(range(1, cond.ndim))
+  # torch's std is unbiased; the ratio of two stds over the same axes does not care.
+  ratio = jnp.std(cond, axis=axes, keepdims=True) / jnp.std(guided, axis=axes, keepdims=True)
+  return guidance_rescale * (guided * ratio) + (1 - guidance_rescale) * guided
+
+
+def sample(denoise: DenoiseFn, noise: jax.Array, context: jax.Array, mask: jax.Array,
+           uncond_context: jax.Array, uncond_mask: jax.Array, *,
+           scheduler: schedulers_lib.Scheduler, num_steps: int, guidance_scale: float,
+           guidance_rescale: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+  """From unit Gaussian `noise` to a sample, as diffusers' pipelines loop.
+
+  The noise is scaled by the scheduler's `init_noise_sigma`. Guidance runs the conditional
+  and unconditional branches as one batch of 2B: out = uncond + scale * (cond - uncond),
+  then `rescale_noise_cfg` if `guidance_rescale` > 0; scale 1 disables it. Stochastic
+  schedulers need `rng` (folded with the step index). Meant to be traced under jit: the
+  schedule is numpy at trace time and the loop is one `lax.fori_loop`.
+  """
+  if scheduler.stochastic and rng is None:
+    raise ValueError(f'{type(scheduler).__name__} is stochastic: pass rng.')
+  state = scheduler.init_state(num_steps, noise)
+  batch = noise.shape[0]
+  guided = guidance_scale != 1.0
+  if guided:
+    both_context = jnp.concatenate([context, uncond_context], axis=0)
+    both_mask = jnp.concatenate([mask, uncond_mask], axis=0)
+
+  def body(i, carry):
+    x, state = carry
+    x_in = scheduler.scale_model_input(state, x, i)
+    t = jnp.full((batch,), state.timesteps[i])
+    if guided:
+      out = denoise(jnp.concatenate([x_in, x_in]), jnp.concatenate([t, t]), both_context,
+                    both_mask)
+      cond, uncond = out[:batch], out[batch:]
+      out = uncond + guidance_scale * (cond - uncond)
+      if guidance_rescale > 0:
+        out = rescale_noise_cfg(out, cond, guidance_rescale)
+    else:
+      out = denoise(x_in, t, context, mask)
+    step_rng = None if rng is None else jax.random.fold_in(rng, i)
+    return scheduler.step(state, out, i, x, step_rng)
+
+  x = noise * scheduler.init_noise_sigma(num_steps)
+  x, _ = jax.lax.fori_loop(0, state.timesteps.shape[0], body, (x, state))
+  return x
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Table:
+  """A bare alpha-bar table standing in for a NoiseSchedule."""
+  table: np.ndarray
+
+  @property
+  def num_train_timesteps(self) -> int:
+    return len(self.table)
+
+  def alphas_cumprod(self) -> np.ndarray:
+    return self.table
 
 
 def ddim_sample(denoise: DenoiseFn, noise: jax.Array, context: jax.Array, mask: jax.Array,
@@ -38,39 +90,12 @@ def ddim_sample(denoise: DenoiseFn, noise: jax.Array, context: jax.Array, mask: 
                 alphas_cumprod: np.ndarray, prediction_type: str, num_steps: int,
                 guidance_scale: float, spacing: str = 'trailing',
                 clip_sample: float | None = 1.0) -> jax.Array:
-  """Deterministic DDIM (eta = 0) from pure noise to a sample.
+  """Deterministic DDIM (eta = 0): `sample` with a `schedulers.DDIM` on this table.
 
-  Guidance runs the conditional and unconditional branches as one batch of 2B:
-  out = uncond + scale * (cond - uncond); scale 1 disables it. `clip_sample` clips the
-  predicted x0 (pixel-space models, whose data lies in [-1, 1]).
+  `clip_sample` clips the predicted x0 (pixel-space models, whose data lies in [-1, 1]).
   """
-  num_train = len(alphas_cumprod)
-  timesteps = ddim_timesteps(num_train, num_steps, spacing)
-  step = num_train // num_steps
-  prev = timesteps - step
-  # With the final step the previous alpha-bar is 1 (diffusers' set_alpha_to_one).
-  alpha_prev = np.where(prev >= 0, alphas_cumprod[np.maximum(prev, 0)], 1.0).astype(np.float32)
-  alpha_t = alphas_cumprod[timesteps].astype(np.float32)
-  timesteps, alpha_t, alpha_prev = map(jnp.asarray, (timesteps, alpha_t, alpha_prev))
-
-  batch = noise.shape[0]
-  guided = guidance_scale != 1.0
-  if guided:
-    both_context = jnp.concatenate([context, uncond_context], axis=0)
-    both_mask = jnp.concatenate([mask, uncond_mask], axis=0)
-
-  def body(i, x):
-    t = jnp.full((batch,), timesteps[i])
-    if guided:
-      out = denoise(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both_context, both_mask)
-      cond, uncond = out[:batch], out[batch:]
-      out = uncond + guidance_scale * (cond - uncond)
-    else:
-      out = denoise(x, t, context, mask)
-    a = jnp.full((batch,), alpha_t[i])
-    x0, eps = diffusion.predict_x0_and_eps(prediction_type, out, x, a)
-    if clip_sample is not None:
-      x0 = jnp.clip(x0, -clip_sample, clip_sample)
-    return jnp.sqrt(alpha_prev[i]) * x0 + jnp.sqrt(1 - alpha_prev[i]) * eps
-
-  return jax.lax.fori_loop(0, num_steps, body, noise)
+  scheduler = schedulers_lib.DDIM(
+      schedule=_Table(np.asarray(alphas_cumprod)), prediction_type=prediction_type,
+      spacing=spacing, clip_sample=clip_sample)
+  return sample(denoise, noise, context, mask, uncond_context, uncond_mask,
+                scheduler=scheduler, num_steps=num_steps, guidance_scale=guidance_scale)
