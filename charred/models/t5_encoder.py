@@ -6,6 +6,10 @@ The parameter tree matches t5x checkpoints (`token_embedder/embedding`,
 `encoder/encoder_norm/scale`), with kernels stored 2-D as t5x stores them, so a
 t5x checkpoint maps onto it without renaming.
 
+Every parameter carries logical axis names from t5x's vocabulary ('vocab', 'embed',
+'heads' for the joined heads*head_dim axis, 'mlp', 'relpos_buckets') for sharding rules;
+`init` returns them boxed, `nn.meta.unbox` gives plain arrays.
+
 Shapes: B batch, L sequence length, D d_model, H heads, K head dim, F d_ff.
 """
 
@@ -63,7 +67,8 @@ class RmsNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                       (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
     return (x32 * scale).astype(self.dtype)
@@ -72,12 +77,14 @@ class RmsNorm(nn.Module):
 class Dense2D(nn.Module):
   """Dense layer without bias whose kernel is stored 2-D, as t5x stores it."""
   features: int
+  kernel_axes: tuple[str, str]  # logical names of (input, output)
   dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                        (x.shape[-1], self.features), jnp.float32)
     return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -90,7 +97,8 @@ class RelativePositionBias(nn.Module):
 
   @nn.compact
   def __call__(self, length: int) -> jax.Array:
-    table = self.param('rel_embedding', nn.initializers.normal(0.1),
+    table = self.param('rel_embedding', nn.with_logical_partitioning(
+        nn.initializers.normal(0.1), ('heads', 'relpos_buckets')),
                        (self.num_heads, self.num_buckets), jnp.float32)
     position = np.arange(length)
     buckets = relative_position_bucket(position[None, :] - position[:, None],
@@ -110,14 +118,14 @@ class SelfAttention(nn.Module):
     inner = self.num_heads * self.head_dim
     # t5x folds 1/sqrt(K) into the query initialiser instead of the logits.
     q_init = nn.initializers.variance_scaling(1.0 / self.head_dim, 'fan_in', 'truncated_normal')
-    q = Dense2D(inner, self.dtype, q_init, name='query')(x)
-    k = Dense2D(inner, self.dtype, name='key')(x)
-    v = Dense2D(inner, self.dtype, name='value')(x)
+    q = Dense2D(inner, ('embed', 'heads'), self.dtype, q_init, name='query')(x)
+    k = Dense2D(inner, ('embed', 'heads'), self.dtype, name='key')(x)
+    v = Dense2D(inner, ('embed', 'heads'), self.dtype, name='value')(x)
     q, k, v = (t.reshape(b, l, self.num_heads, self.head_dim) for t in (q, k, v))
     logits = jnp.einsum('bqhk,bshk->bhqs', q, k) + bias
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqs,bshk->bqhk', weights, v).reshape(b, l, inner)
-    return Dense2D(d, self.dtype, name='out')(out)
+    return Dense2D(d, ('heads', 'embed'), self.dtype, name='out')(out)
 
 
 class Mlp(nn.Module):
@@ -128,12 +136,13 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    wi = lambda name: Dense2D(self.d_ff, ('embed', 'mlp'), self.dtype, name=name)(x)
     if self.gated:
-      h = nn.gelu(Dense2D(self.d_ff, self.dtype, name='wi_0')(x)) * Dense2D(
-          self.d_ff, self.dtype, name='wi_1')(x)
+      # tanh-approximate GELU, as t5x and transformers' 'gated-gelu' ('gelu_new') compute it.
+      h = nn.gelu(wi('wi_0'), approximate=True) * wi('wi_1')
     else:
-      h = nn.relu(Dense2D(self.d_ff, self.dtype, name='wi')(x))
-    return Dense2D(x.shape[-1], self.dtype, name='wo')(h)
+      h = nn.relu(wi('wi'))
+    return Dense2D(x.shape[-1], ('mlp', 'embed'), self.dtype, name='wo')(h)
 
 
 class Embed(nn.Module):
@@ -144,7 +153,8 @@ class Embed(nn.Module):
 
   @nn.compact
   def __call__(self, ids):
-    table = self.param('embedding', nn.initializers.normal(1.0),
+    table = self.param('embedding', nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ('vocab', 'embed')),
                        (self.num_embeddings, self.features), jnp.float32)
     return jnp.take(table, ids, axis=0).astype(self.dtype)
 
