@@ -20,6 +20,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 
 _COMPONENT = flags.DEFINE_enum('component', None, ['unet', 'vae'],
                                'Which model of a diffusers pipeline folder to convert.')
@@ -93,6 +94,7 @@ def main(argv):
     print(f'{prog}: error: expected SRC and OUT, got {argv[1:]}', file=sys.stderr)
     sys.exit(2)
   src, out = argv[1], argv[2]
+  logging.set_verbosity(logging.ERROR)  # Orbax logs every save, and notes on its registry.
   try:
     if _TO_DIFFUSERS.value:
       to_diffusers(src, out, _OVERWRITE.value)
