@@ -5,6 +5,7 @@ import json
 import os
 
 from flax import serialization
+import flax.linen as nn
 from flax.traverse_util import flatten_dict
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,8 @@ def _rel_err(ours, theirs):
 
 def test_vae_parameter_tree_is_diffusers_flax_tree():
   model, params, _ = _diffusers_flax_vae()
-  ours = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))['params']
+  ours = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                      jnp.zeros((1, 16, 16, 3)))['params'])
   theirs = {k: v.shape for k, v in flatten_dict(params).items()}
   assert {k: v.shape for k, v in flatten_dict(ours).items()} == theirs
 

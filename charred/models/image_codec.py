@@ -6,15 +6,10 @@ The codec runs outside the differentiated function: its parameters never train, 
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-
-from flax import serialization
-from flax.traverse_util import flatten_dict
 import jax
 import jax.numpy as jnp
 
+from charred.models import pretrained
 from charred.models.vae import AutoencoderKL, AutoencoderKLConfig
 
 
@@ -54,40 +49,22 @@ class LatentCodec:
                              method=AutoencoderKL.decode)
 
 
-def load_diffusers_flax_autoencoder(path: str) -> LatentCodec:
-  """Reads a diffusers Flax AutoencoderKL folder (config.json + diffusion_flax_model.msgpack)."""
-  config_path = os.path.join(path, 'config.json')
-  weights_path = os.path.join(path, 'diffusion_flax_model.msgpack')
-  for f in (config_path, weights_path):
-    if not os.path.exists(f):
-      raise FileNotFoundError(f'{f} not found: expected a diffusers Flax AutoencoderKL folder.')
-  with open(config_path) as f:
-    raw = json.load(f)
-  fields = {f.name for f in dataclasses.fields(AutoencoderKLConfig)} - {'dtype'}
-  config = AutoencoderKLConfig(**{k: v for k, v in raw.items() if k in fields})
-  with open(weights_path, 'rb') as f:
-    try:
-      params = serialization.msgpack_restore(f.read())
-    except Exception as e:  # msgpack raises several types on truncated input
-      raise ValueError(f'{weights_path} is not a readable msgpack checkpoint: {e}') from e
-  image = jnp.zeros((1, 8 * config.downsample_factor, 8 * config.downsample_factor,
-                     config.in_channels))
-  expected = flatten_dict(jax.eval_shape(AutoencoderKL(config).init, jax.random.PRNGKey(0),
-                                         image)['params'])
-  found = flatten_dict(params)
-  for key, spec in expected.items():
-    got = found.get(key)
-    if got is None or tuple(got.shape) != tuple(spec.shape):
-      raise ValueError(f'{weights_path}: parameter {"/".join(key)} has shape '
-                       f'{None if got is None else tuple(got.shape)}, the config needs '
-                       f'{tuple(spec.shape)}.')
-  return LatentCodec(config, params)
+def load_autoencoder(path: str) -> LatentCodec:
+  """A frozen AutoencoderKL from any folder `pretrained.load_pretrained` reads: diffusers
+  PyTorch (safetensors or .bin) or Flax, a Stable Diffusion repository (its `vae/`), or
+  charred's own format. Raises FileNotFoundError, CheckpointFormatError (unreadable
+  weights) or ParameterMismatchError (weights that do not fit the config), each naming
+  the file or parameter."""
+  module, params = pretrained.load_pretrained(path, component='vae')
+  if not isinstance(module, AutoencoderKL):
+    raise ValueError(f'{path} holds a {type(module).__name__}, not an AutoencoderKL.')
+  return LatentCodec(module.config, params)
 
 
 def make_codec(pixel_space: bool, autoencoder_path: str | None):
   if pixel_space:
     return PixelCodec()
   if not autoencoder_path:
-    raise ValueError('pixel_space=False needs autoencoder_path: a diffusers Flax '
-                     'AutoencoderKL folder (config.json + diffusion_flax_model.msgpack).')
-  return load_diffusers_flax_autoencoder(autoencoder_path)
+    raise ValueError('pixel_space=False needs autoencoder_path: an AutoencoderKL folder '
+                     '(diffusers PyTorch or Flax, a Stable Diffusion repository, or charred).')
+  return load_autoencoder(autoencoder_path)

@@ -15,6 +15,7 @@ Formats are detected from the files:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -64,6 +65,11 @@ MODEL_KINDS = {
 
 def parameter_shapes(kind: str, config) -> dict[str, tuple[int, ...]]:
   """'/'-joined path -> shape of every parameter, computed without allocating any."""
+  return dict(_parameter_shapes(kind, config))
+
+
+@functools.lru_cache(maxsize=32)  # tracing SD 2.1's U-Net takes seconds; configs are frozen.
+def _parameter_shapes(kind: str, config) -> dict[str, tuple[int, ...]]:
   spec = MODEL_KINDS[kind]
   shapes = nn.meta.unbox(jax.eval_shape(spec.module(config).init, jax.random.PRNGKey(0),
                                         *spec.example_inputs(config))['params'])

@@ -29,7 +29,7 @@ class TextToImageConfig:
   image_size: tuple[int, int] = (64, 64)  # (height, width) of what the U-Net sees.
   # Pixel space (as DeepFloyd IF's first stage): the U-Net denoises RGB images in [-1, 1].
   # Otherwise it denoises the latents of a frozen VAE read from `autoencoder_path`
-  # (a diffusers Flax AutoencoderKL folder).
+  # (any AutoencoderKL `pretrained.load_pretrained` reads: diffusers PyTorch or Flax, charred).
   pixel_space: bool = True
   autoencoder_path: str | None = None
   # The U-Net sees non-overlapping p x p patches stacked into channels (space-to-depth, as
@@ -45,9 +45,11 @@ class TextToImageConfig:
     if self.prediction_type not in diffusion.PREDICTION_TYPES:
       raise ValueError(f'Unknown prediction_type {self.prediction_type!r}; expected one of '
                        f'{diffusion.PREDICTION_TYPES}.')
-    if self.unet.cross_attention_dim != self.text_encoder.d_model:
-      raise ValueError(f'unet.cross_attention_dim ({self.unet.cross_attention_dim}) must equal '
-                       f'text_encoder.d_model ({self.text_encoder.d_model}).')
+    text_width = self.unet.encoder_hid_dim or self.unet.cross_attention_dim
+    if text_width != self.text_encoder.d_model:
+      name = 'encoder_hid_dim' if self.unet.encoder_hid_dim else 'cross_attention_dim'
+      raise ValueError(f'unet.{name} ({text_width}) must equal text_encoder.d_model '
+                       f'({self.text_encoder.d_model}).')
 
   def check_codec(self, codec) -> None:
     """The U-Net must take and give `codec.channels * patch_size**2` channels, and

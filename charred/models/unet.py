@@ -2,8 +2,25 @@
 
 Module and parameter names follow diffusers' Flax U-Net (`down_blocks_0/resnets_0/conv1`,
 `attentions_0/transformer_blocks_0/attn2/to_k`, ...), so diffusers checkpoints map onto
-it by name. Unlike diffusers, cross-attention takes a mask over the text positions: ByT5
-captions are mostly padding bytes, and attending to them dilutes the text signal.
+it by name; `charred.models.convert.diffusers` maps diffusers' PyTorch names and configs.
+Cross-attention takes a mask over the text positions, as diffusers' PyTorch
+`encoder_attention_mask` (its Flax port had none): ByT5 captions are mostly padding bytes,
+and attending to them dilutes the text signal. (With `only_cross_attention`, attn1 is masked
+too; diffusers leaves it unmasked.)
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`; read them with
+`nn.get_partition_spec`, get plain arrays with `nn.meta.unbox`). The vocabulary ('embed',
+'heads' and 'mlp' mean what they mean in the T5 encoder):
+  'embed'        model width: channels where a Dense reads or writes the residual stream
+  'cross_embed'  width of the text states cross-attention reads (cross_attention_dim)
+  'heads'        attention projections' inner width (heads x head dim, fused)
+  'mlp'          feed-forward hidden width (GEGLU, the time-embedding MLP)
+  'time_embed'   width of the timestep embedding every ResNet block reads
+  'conv_height', 'conv_width', 'conv_in', 'conv_out'  convolution kernels; 'conv_in' and
+                 'conv_out' also name the square channel mixers proj_in / proj_out
+  'norm'         GroupNorm / LayerNorm scale and bias vectors
+  'height', 'width'  the optional position embedding
+A Dense bias takes its kernel's output axis name.
 
 Shapes: B batch, H x W spatial, C channels, L text length, E text width.
 """
@@ -20,6 +37,53 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+DOWN_BLOCK_TYPES = ('CrossAttnDownBlock2D', 'DownBlock2D')
+UP_BLOCK_TYPES = ('CrossAttnUpBlock2D', 'UpBlock2D')
+CONV_AXES = ('conv_height', 'conv_width', 'conv_in', 'conv_out')
+
+
+def dense(features: int, axes: tuple[str, str], dtype: Dtype, name: str,
+          use_bias: bool = True) -> nn.Dense:
+  """nn.Dense (float32 parameters, `dtype` compute) whose kernel has logical `axes`."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
+
+
+def conv(features: int, kernel: int, dtype: Dtype, name: str, strides: int = 1,
+         padding=None) -> nn.Conv:
+  """k x k nn.Conv, 'same' padding unless given, with logical axis names."""
+  if padding is None:
+    padding = ((kernel // 2,) * 2,) * 2
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding,
+                 dtype=dtype, name=name,
+                 kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init,
+                                                          CONV_AXES),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                        ('conv_out',)))
+
+
+def _norm_inits():
+  return dict(scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',)),
+              bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('norm',)))
+
+
+def group_norm(groups: int, eps: float, dtype: Dtype, name: str) -> nn.GroupNorm:
+  return nn.GroupNorm(groups, epsilon=eps, dtype=dtype, name=name, **_norm_inits())
+
+
+def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name, **_norm_inits())
+
+
+def _per_block(value, n: int, name: str) -> tuple:
+  if isinstance(value, (int, bool)):
+    return (value,) * n
+  value = tuple(value)
+  if len(value) != n:
+    raise ValueError(f'{name} has {len(value)} entries; {n} block_out_channels need {n}.')
+  return value
+
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
@@ -32,10 +96,16 @@ class UNetConfig:
   up_block_types: Sequence[str] = ('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D',
                                    'CrossAttnUpBlock2D')
   block_out_channels: Sequence[int] = (320, 640, 1280, 1280)
-  layers_per_block: int = 2
+  layers_per_block: int | Sequence[int] = 2  # ResNets per down block (up blocks: one more).
   # Number of heads per block (diffusers' SD 2.x naming quirk); head dim = C / heads.
   attention_head_dim: int | Sequence[int] = (5, 10, 20, 20)
+  # What diffusers' Flax U-Net (and a fixed diffusers) call it; overrides the above if set.
+  num_attention_heads: int | Sequence[int] | None = None
+  transformer_layers_per_block: int | Sequence[int] = 1
   cross_attention_dim: int = 1024
+  # Width of the text states if they differ from cross_attention_dim: a Dense
+  # `encoder_hid_proj` maps them (diffusers' encoder_hid_dim_type='text_proj').
+  encoder_hid_dim: int | None = None
   # Per block (or all): attn1 attends to the text instead of the image, as in diffusers.
   # Saves self-attention's quadratic cost at high resolution.
   only_cross_attention: bool | Sequence[bool] = False
@@ -55,18 +125,44 @@ class UNetConfig:
   transformer_norm_eps: float = 1e-6
   dropout: float = 0.0
   dtype: Dtype = jnp.float32  # compute dtype; parameters stay float32.
+  # Gradient checkpointing: ResNet and transformer blocks recompute their activations in
+  # the backward pass instead of storing them (same outputs and gradients, less memory).
+  remat: bool = False
+
+  def __post_init__(self):
+    n = len(self.block_out_channels)
+    for name, types, known in (('down_block_types', self.down_block_types, DOWN_BLOCK_TYPES),
+                               ('up_block_types', self.up_block_types, UP_BLOCK_TYPES)):
+      if len(types) != n:
+        raise ValueError(f'{n} block_out_channels need as many {name}, got {tuple(types)}.')
+      unknown = [t for t in types if t not in known]
+      if unknown:
+        raise ValueError(f'{name} {unknown} not supported; expected {known}.')
+    for name in ('layers_per_block', 'attention_head_dim', 'num_attention_heads',
+                 'transformer_layers_per_block', 'only_cross_attention'):
+      if getattr(self, name) is not None:
+        _per_block(getattr(self, name), n, name)
+    for level, (channels, heads) in enumerate(zip(self.block_out_channels,
+                                                  self.heads_per_block)):
+      if channels % heads:
+        raise ValueError(f'block {level}: {channels} channels do not split into {heads} heads.')
 
   @property
   def heads_per_block(self) -> tuple[int, ...]:
-    heads = self.attention_head_dim
-    if isinstance(heads, int):
-      return (heads,) * len(self.block_out_channels)
-    return tuple(heads)
+    heads = self.num_attention_heads or self.attention_head_dim
+    return _per_block(heads, len(self.block_out_channels), 'attention heads')
+
+  def layers_at(self, level: int) -> int:
+    return _per_block(self.layers_per_block, len(self.block_out_channels),
+                      'layers_per_block')[level]
+
+  def transformer_depth_at(self, level: int) -> int:
+    return _per_block(self.transformer_layers_per_block, len(self.block_out_channels),
+                      'transformer_layers_per_block')[level]
 
   def only_cross_attention_at(self, level: int) -> bool:
-    if isinstance(self.only_cross_attention, bool):
-      return self.only_cross_attention
-    return tuple(self.only_cross_attention)[level]
+    return _per_block(self.only_cross_attention, len(self.block_out_channels),
+                      'only_cross_attention')[level]
 
 
 def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool, freq_shift: float,
@@ -85,8 +181,8 @@ class TimestepEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Dense(self.features, dtype=self.dtype, name='linear_1')(x)
-    return nn.Dense(self.features, dtype=self.dtype, name='linear_2')(nn.silu(x))
+    x = dense(self.features, ('embed', 'mlp'), self.dtype, 'linear_1')(x)
+    return dense(self.features, ('mlp', 'time_embed'), self.dtype, 'linear_2')(nn.silu(x))
 
 
 class ResnetBlock(nn.Module):
@@ -98,17 +194,15 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, temb, deterministic: bool):
-    conv = lambda name, k=3: nn.Conv(self.features, (k, k), padding=((k // 2,) * 2,) * 2,
-                                     dtype=self.dtype, name=name)
-    h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name='norm1')(x)
-    h = conv('conv1')(nn.silu(h))
-    t = nn.Dense(self.features, dtype=self.dtype, name='time_emb_proj')(nn.silu(temb))
+    h = group_norm(self.groups, self.eps, self.dtype, 'norm1')(x)
+    h = conv(self.features, 3, self.dtype, 'conv1')(nn.silu(h))
+    t = dense(self.features, ('time_embed', 'embed'), self.dtype, 'time_emb_proj')(nn.silu(temb))
     h = h + t[:, None, None, :]
-    h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name='norm2')(h)
+    h = group_norm(self.groups, self.eps, self.dtype, 'norm2')(h)
     h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=deterministic)
-    h = conv('conv2')(h)
+    h = conv(self.features, 3, self.dtype, 'conv2')(h)
     if x.shape[-1] != self.features:
-      x = conv('conv_shortcut', k=1)(x)
+      x = conv(self.features, 1, self.dtype, 'conv_shortcut')(x)
     return x + h
 
 
@@ -121,12 +215,13 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, context=None, mask=None):
+    source = 'embed' if context is None else 'cross_embed'
     context = x if context is None else context
     inner = self.heads * self.head_dim
-    dense = lambda name, bias=False: nn.Dense(inner if name != 'to_out_0' else x.shape[-1],
-                                              use_bias=bias, dtype=self.dtype, name=name)
     split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim)
-    q, k, v = split(dense('to_q')(x)), split(dense('to_k')(context)), split(dense('to_v')(context))
+    q = split(dense(inner, ('embed', 'heads'), self.dtype, 'to_q', use_bias=False)(x))
+    k = split(dense(inner, (source, 'heads'), self.dtype, 'to_k', use_bias=False)(context))
+    v = split(dense(inner, (source, 'heads'), self.dtype, 'to_v', use_bias=False)(context))
     if self.upcast:
       q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(self.head_dim)
@@ -134,7 +229,7 @@ class Attention(nn.Module):
       logits = jnp.where(mask[:, None, None, :] > 0, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(x.shape[0], x.shape[1], inner)
-    return dense('to_out_0', bias=True)(out.astype(self.dtype))
+    return dense(x.shape[-1], ('heads', 'embed'), self.dtype, 'to_out_0')(out.astype(self.dtype))
 
 
 class Geglu(nn.Module):
@@ -145,7 +240,7 @@ class Geglu(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    hidden, gate = jnp.split(nn.Dense(2 * self.inner, dtype=self.dtype, name='proj')(x), 2, -1)
+    hidden, gate = jnp.split(dense(2 * self.inner, ('embed', 'mlp'), self.dtype, 'proj')(x), 2, -1)
     return hidden * nn.gelu(gate, approximate=self.approximate)
 
 
@@ -158,7 +253,7 @@ class GegluFeedForward(nn.Module):
   def __call__(self, x):
     # diffusers names the GEGLU projection net_0/proj and the output net_2.
     h = Geglu(x.shape[-1] * self.mult, self.gelu_approximate, self.dtype, name='net_0')(x)
-    return nn.Dense(x.shape[-1], dtype=self.dtype, name='net_2')(h)
+    return dense(x.shape[-1], ('mlp', 'embed'), self.dtype, 'net_2')(h)
 
 
 class TransformerBlock(nn.Module):
@@ -171,7 +266,7 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, context, context_mask):
-    ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
+    ln = lambda name: layer_norm(1e-5, self.dtype, name)
     attn = lambda name: Attention(self.heads, self.head_dim, self.upcast, self.dtype, name=name)
     if self.only_cross_attention:
       x = x + attn('attn1')(ln('norm1')(x), context, context_mask)
@@ -196,9 +291,9 @@ class Transformer2D(nn.Module):
   @nn.compact
   def __call__(self, x, context, context_mask):
     b, h, w, c = x.shape
-    proj = lambda name: (nn.Dense(c, dtype=self.dtype, name=name) if self.use_linear_projection
-                         else nn.Conv(c, (1, 1), dtype=self.dtype, name=name))
-    y = nn.GroupNorm(self.groups, epsilon=self.norm_eps, dtype=self.dtype, name='norm')(x)
+    proj = lambda name: (dense(c, ('conv_in', 'conv_out'), self.dtype, name)
+                         if self.use_linear_projection else conv(c, 1, self.dtype, name))
+    y = group_norm(self.groups, self.norm_eps, self.dtype, 'norm')(x)
     if self.use_linear_projection:
       y = proj('proj_in')(y.reshape(b, h * w, c))
     else:
@@ -222,8 +317,7 @@ class Downsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=self.padding,
-                   dtype=self.dtype, name='conv')(x)
+    return conv(x.shape[-1], 3, self.dtype, 'conv', strides=2, padding=self.padding)(x)
 
 
 class Upsample(nn.Module):
@@ -233,12 +327,18 @@ class Upsample(nn.Module):
   def __call__(self, x):
     b, h, w, c = x.shape
     x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method='nearest')
-    return nn.Conv(c, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name='conv')(x)
+    return conv(c, 3, self.dtype, 'conv')(x)
+
+
+# Gradient checkpointing. `deterministic` (argument 3, counting self) selects Python
+# control flow in Dropout, so it must stay static.
+RematResnetBlock = nn.remat(ResnetBlock, static_argnums=(3,))
+RematTransformer2D = nn.remat(Transformer2D)
 
 
 class DownBlock(nn.Module):
-  """`layers` ResNet blocks (each followed by a Transformer2D if `attention`), then an
-  optional stride-2 downsample. Returns the output and the skip activations."""
+  """ResNet blocks (each followed by a Transformer2D if `attention`), then an optional
+  stride-2 downsample. Returns the output and the skip activations."""
   config: UNetConfig
   level: int
   attention: bool
@@ -247,7 +347,7 @@ class DownBlock(nn.Module):
   @nn.compact
   def __call__(self, x, temb, context, mask, deterministic: bool):
     c, skips = self.config, []
-    for j in range(c.layers_per_block):
+    for j in range(c.layers_at(self.level)):
       x = _resnet(c, c.block_out_channels[self.level], f'resnets_{j}')(x, temb, deterministic)
       if self.attention:
         x = _transformer(c, self.level, f'attentions_{j}')(x, context, mask)
@@ -266,13 +366,14 @@ class MidBlock(nn.Module):
     c = self.config
     level = len(c.block_out_channels) - 1
     x = _resnet(c, c.block_out_channels[level], 'resnets_0')(x, temb, deterministic)
-    x = _transformer(c, level, 'attentions_0')(x, context, mask)
+    # diffusers' UNetMidBlock2DCrossAttn always self-attends in attn1.
+    x = _transformer(c, level, 'attentions_0', only_cross_attention=False)(x, context, mask)
     return _resnet(c, c.block_out_channels[level], 'resnets_1')(x, temb, deterministic)
 
 
 class UpBlock(nn.Module):
-  """`layers + 1` ResNet blocks, each on [x, skip] concatenated, then an optional
-  nearest-neighbour 2x upsample."""
+  """One ResNet block more than the matching down block, each on [x, skip] concatenated,
+  then an optional nearest-neighbour 2x upsample."""
   config: UNetConfig
   level: int
   attention: bool
@@ -281,7 +382,7 @@ class UpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, skips, temb, context, mask, deterministic: bool):
     c = self.config
-    for j in range(c.layers_per_block + 1):
+    for j in range(c.layers_at(self.level) + 1):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
       x = _resnet(c, c.block_out_channels[self.level], f'resnets_{j}')(x, temb, deterministic)
       if self.attention:
@@ -292,17 +393,24 @@ class UpBlock(nn.Module):
 
 
 def _resnet(c: UNetConfig, features: int, name: str) -> ResnetBlock:
-  return ResnetBlock(features, c.norm_num_groups, c.norm_eps, c.dropout, c.dtype, name=name)
+  cls = RematResnetBlock if c.remat else ResnetBlock
+  return cls(features, c.norm_num_groups, c.norm_eps, c.dropout, c.dtype, name=name)
 
 
-def _transformer(c: UNetConfig, level: int, name: str) -> Transformer2D:
-  return Transformer2D(c.heads_per_block[level], c.norm_num_groups, c.use_linear_projection,
-                       c.upcast_attention, c.transformer_norm_eps, c.gelu_approximate,
-                       c.only_cross_attention_at(level), dtype=c.dtype, name=name)
+def _transformer(c: UNetConfig, level: int, name: str,
+                 only_cross_attention: bool | None = None) -> Transformer2D:
+  if only_cross_attention is None:
+    only_cross_attention = c.only_cross_attention_at(level)
+  cls = RematTransformer2D if c.remat else Transformer2D
+  return cls(c.heads_per_block[level], c.norm_num_groups, c.use_linear_projection,
+             c.upcast_attention, c.transformer_norm_eps, c.gelu_approximate,
+             only_cross_attention, c.transformer_depth_at(level), dtype=c.dtype, name=name)
 
 
 class UNet(nn.Module):
-  """(sample [B,H,W,Cin], timesteps [B], context [B,L,E], mask [B,L]) -> [B,H,W,Cout]."""
+  """(sample [B,H,W,Cin], timesteps [B], context [B,L,E], mask [B,L]) -> [B,H,W,Cout].
+
+  E is `encoder_hid_dim` if set, else `cross_attention_dim`."""
   config: UNetConfig
 
   @nn.compact
@@ -310,20 +418,19 @@ class UNet(nn.Module):
                deterministic: bool = True):
     c = self.config
     channels = tuple(c.block_out_channels)
-    if len(c.down_block_types) != len(channels) or len(c.up_block_types) != len(channels):
-      raise ValueError(f'{len(channels)} block_out_channels need as many down and up block '
-                       f'types, got {c.down_block_types} and {c.up_block_types}.')
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
     temb = timestep_embedding(timesteps, channels[0], c.flip_sin_to_cos, c.freq_shift)
     temb = TimestepEmbedding(4 * channels[0], c.dtype, name='time_embedding')(temb.astype(c.dtype))
     context = encoder_hidden_states.astype(c.dtype)
+    if c.encoder_hid_dim:
+      context = dense(c.cross_attention_dim, ('embed', 'cross_embed'), c.dtype,
+                      'encoder_hid_proj')(context)
     mask = encoder_attention_mask
 
-    x = nn.Conv(channels[0], (3, 3), padding=((1, 1), (1, 1)), dtype=c.dtype,
-                name='conv_in')(sample.astype(c.dtype))
+    x = conv(channels[0], 3, c.dtype, 'conv_in')(sample.astype(c.dtype))
     if c.position_embedding:
-      table = self.param('position_embedding', nn.initializers.normal(0.02), x.shape[1:],
-                         jnp.float32)
+      table = self.param('position_embedding', nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), ('height', 'width', 'embed')), x.shape[1:], jnp.float32)
       x = x + table.astype(c.dtype)[None]
     skips = [x]
     for level, block_type in enumerate(c.down_block_types):
@@ -339,8 +446,6 @@ class UNet(nn.Module):
       x = UpBlock(c, level, block_type.startswith('CrossAttn'), level > 0,
                   name=f'up_blocks_{i}')(x, skips, temb, context, mask, deterministic)
 
-    x = nn.GroupNorm(c.norm_num_groups, epsilon=c.norm_eps, dtype=c.dtype,
-                     name='conv_norm_out')(x)
-    x = nn.Conv(c.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=c.dtype,
-                name='conv_out')(nn.silu(x))
+    x = group_norm(c.norm_num_groups, c.norm_eps, c.dtype, 'conv_norm_out')(x)
+    x = conv(c.out_channels, 3, c.dtype, 'conv_out')(nn.silu(x))
     return x.astype(jnp.float32)

@@ -4,7 +4,8 @@ Module and parameter names follow diffusers' `FlaxAutoencoderKL` (`encoder/down_
 resnets_0/conv1`, `encoder/mid_block/attentions_0/query`, `quant_conv`, ...), so its
 `diffusion_flax_model.msgpack` loads by name. Unlike diffusers, everything is channels-last
 on both sides: images [B,H,W,Cin] in [-1, 1], latents [B,H/f,W/f,Z] with
-f = 2 ** (len(block_out_channels) - 1) and Z = latent_channels.
+f = 2 ** (len(block_out_channels) - 1) and Z = latent_channels. Parameters carry the U-Net's
+logical axis names (see unet.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from charred.models.unet import Downsample, Upsample
+from charred.models.unet import Downsample, Upsample, conv, dense, group_norm
 
 Dtype = Any
 
@@ -43,11 +44,11 @@ class AutoencoderKLConfig:
 
 
 def _norm(c: AutoencoderKLConfig, name: str) -> nn.GroupNorm:
-  return nn.GroupNorm(c.norm_num_groups, epsilon=NORM_EPS, dtype=c.dtype, name=name)
+  return group_norm(c.norm_num_groups, NORM_EPS, c.dtype, name)
 
 
 def _conv(c: AutoencoderKLConfig, features: int, name: str, k: int = 3) -> nn.Conv:
-  return nn.Conv(features, (k, k), padding=((k // 2,) * 2,) * 2, dtype=c.dtype, name=name)
+  return conv(features, k, c.dtype, name)
 
 
 class ResnetBlock(nn.Module):
@@ -74,12 +75,12 @@ class AttentionBlock(nn.Module):
   def __call__(self, x):
     c = self.config
     b, h, w, ch = x.shape
-    dense = lambda name: nn.Dense(ch, dtype=c.dtype, name=name)
+    qkv = lambda name: dense(ch, ('embed', 'heads'), c.dtype, name)
     y = _norm(c, 'group_norm')(x).reshape(b, h * w, ch)
-    q, k, v = dense('query')(y), dense('key')(y), dense('value')(y)
+    q, k, v = qkv('query')(y), qkv('key')(y), qkv('value')(y)
     logits = jnp.einsum('bqc,bkc->bqk', q, k) / math.sqrt(ch)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    y = dense('proj_attn')(jnp.einsum('bqk,bkc->bqc', weights, v))
+    y = dense(ch, ('heads', 'embed'), c.dtype, 'proj_attn')(jnp.einsum('bqk,bkc->bqc', weights, v))
     return x + y.reshape(b, h, w, ch)
 
 
