@@ -19,7 +19,6 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Callable, Iterable
 
 import flax.linen as nn
@@ -122,13 +121,7 @@ def save_pretrained(out_dir: str, kind: str, config, tensors: Iterable[tuple[str
   written under a temporary sibling directory and renamed into place at the end: an
   interrupted conversion never leaves a half-written `out_dir`.
   """
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and not overwrite:
-    raise FileExistsError(f'{out_dir} exists; pass overwrite to replace it.')
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + '.tmp-', dir=parent)
-  try:
+  with core.atomic_output_dir(out_dir, overwrite) as tmp:
     spill = os.path.join(tmp, 'spill')
     os.makedirs(spill)
     flat, count = {}, 0
@@ -145,12 +138,6 @@ def save_pretrained(out_dir: str, kind: str, config, tensors: Iterable[tuple[str
       json.dump({'format_version': FORMAT_VERSION, 'kind': kind,
                  'config': config_to_dict(config), 'source': source,
                  'num_parameters': int(count)}, f, indent=2)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return count
 
 

@@ -106,7 +106,9 @@ class Scheduler:
     return np.asarray(self.schedule.alphas_cumprod(), np.float64)
 
   def timesteps(self, num_steps: int) -> np.ndarray:
-    raise NotImplementedError
+    """Descending integer timesteps, spaced as diffusers' DDPM/DDIM schedulers space them."""
+    n = self.schedule.num_train_timesteps
+    return spaced_timesteps(n, num_steps, self.spacing, self.steps_offset)
 
   def init_noise_sigma(self, num_steps: int) -> float:
     """Scale of the initial unit Gaussian noise."""
@@ -144,10 +146,6 @@ class DDPM(Scheduler):
   clip_sample: float | None = 1.0  # clip predicted x0 to [-c, c]; None: no clipping
 
   stochastic: ClassVar[bool] = True
-
-  def timesteps(self, num_steps):
-    n = self.schedule.num_train_timesteps
-    return spaced_timesteps(n, num_steps, self.spacing, self.steps_offset)
 
   def init_state(self, num_steps, x):
     ac = self.alphas_cumprod()
@@ -188,10 +186,6 @@ class DDIM(Scheduler):
   @property
   def stochastic(self) -> bool:  # type: ignore[override]
     return self.eta > 0
-
-  def timesteps(self, num_steps):
-    n = self.schedule.num_train_timesteps
-    return spaced_timesteps(n, num_steps, self.spacing, self.steps_offset)
 
   def init_state(self, num_steps, x):
     ac = self.alphas_cumprod()

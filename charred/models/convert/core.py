@@ -8,7 +8,11 @@ nothing is allocated), then yields the converted tensors one at a time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
+import tempfile
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -100,3 +104,23 @@ def iter_converted(plan: ConversionPlan, expected: dict[str, tuple[int, ...]],
       raise ParameterMismatchError(f'{plan.origin}: {rule.source} gives {path} shape '
                                    f'{value.shape}, the config needs {tuple(shape)}.')
     yield path, np.ascontiguousarray(value, dtype=dtype)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
+  """Yields a temporary sibling of `out_dir` to write into, renamed to `out_dir` when the
+  block completes and removed if it fails: never a half-written output."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and not overwrite:
+    raise FileExistsError(f'{out_dir} exists; pass overwrite to replace it.')
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + '.tmp-', dir=parent)
+  try:
+    yield tmp
+    if os.path.exists(out_dir):
+      shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

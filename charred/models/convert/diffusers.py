@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any
 
 import flax.linen as nn
@@ -388,23 +386,11 @@ def export_diffusers(kind: str, config, params, out_dir: str, *,
   if extra:
     raise core.ParameterMismatchError(f'export_diffusers: parameters {extra[:3]} are not part '
                                       f'of the {kind} config ({len(extra)} in all).')
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and not overwrite:
-    raise FileExistsError(f'{out_dir} exists; pass overwrite to replace it.')
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + '.tmp-', dir=parent)
-  try:
+  with core.atomic_output_dir(out_dir, overwrite) as tmp:
     tensors = {torch_name(p): np.ascontiguousarray(_to_torch(p, np.asarray(flat[p])))
                for p in expected}
     save_file(tensors, os.path.join(tmp, SAFETENSORS_FILE))
     del tensors
     with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
       json.dump(raw, f, indent=2)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out_dir
+  return os.path.abspath(out_dir)
