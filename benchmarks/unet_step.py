@@ -40,7 +40,11 @@ CONFIGS = {
                         up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D',
                                         'CrossAttnUpBlock2D'),
                         attention_head_dim=(2, 4, 8), cross_attention_dim=256,
-                        layers_per_block=2),
+                        layers_per_block=2,
+                        # Self-attention over 1,024 positions in blocks of 256 queries:
+                        # same numbers, cache-sized (charred's CPU setting; not a
+                        # diffusers option, so the export ignores it).
+                        attention_query_chunk=256),
         text_length=64),
     # Stable Diffusion 2.1's U-Net at 512 px (64x64 latents) with ByT5-Base-width context,
     # as the original CHARRED project trained it.

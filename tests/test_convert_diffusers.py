@@ -5,11 +5,13 @@ conv_out, proj_out and friends, which would hide a wrong mapping), saved with
 `save_pretrained` and read back through `pretrained.load_pretrained`.
 """
 
+import dataclasses
 import json
 import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,7 +19,7 @@ from charred.models import pretrained
 from charred.models.convert import core
 from charred.models.convert import diffusers as convert
 from charred.models.convert.sources import CheckpointFormatError
-from charred.models.unet import UNetConfig
+from charred.models.unet import UNet, UNetConfig
 from charred.models.vae import AutoencoderKL
 
 torch = pytest.importorskip('torch')
@@ -105,6 +107,21 @@ def test_unet_matches_diffusers_pytorch_and_round_trips(case, tmp_path):
     assert os.path.exists(tmp_path / 'unet_bin' / convert.TORCH_BIN_FILE)
     _, from_bin = pretrained.load_pretrained(str(tmp_path / 'unet_bin'))
     jax.tree_util.tree_map(np.testing.assert_array_equal, from_bin, params)
+
+
+def test_query_chunked_attention_matches_diffusers_and_keeps_gradients(tmp_path):
+  theirs = _torch_unet('linear_upcast')
+  theirs.save_pretrained(tmp_path / 'unet')
+  module, params = pretrained.load_pretrained(str(tmp_path / 'unet'))
+  chunked = UNet(dataclasses.replace(module.config, attention_query_chunk=16))  # 64 positions
+  sample, t, ctx, mask = _unet_inputs(24)
+  expected = _run_torch_unet(theirs, sample, t, ctx, mask)
+  assert _rel_err(_run_charred_unet(chunked, params, sample, t, ctx, mask), expected) <= TOLERANCE
+  loss = lambda m: jax.jit(jax.grad(lambda p: jnp.sum(jnp.square(m.apply(
+      {'params': p}, sample.transpose(0, 2, 3, 1), t, ctx, mask)))))
+  g_plain, g_chunked = loss(module)(params), loss(chunked)(params)
+  for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_plain)):
+    assert _rel_err(a, np.asarray(b)) <= TOLERANCE
 
 
 # --- VAE ------------------------------------------------------------------------------------
