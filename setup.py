@@ -15,6 +15,10 @@ setuptools.setup(
         "gin-config",
         "clu",
         "tensorboard",  # clu's summary writer needs it
+        # Monitoring (charred.trainers.monitoring imports them only when configured):
+        "wandb",
+        "opentelemetry-sdk",
+        "fsspec",  # profile uploads to any URL
         "orbax-checkpoint",
         "ml-collections",
         "numpy",
@@ -39,5 +43,9 @@ setuptools.setup(
         # References for the parity tests. Never torchvision: the registry's build is
         # CUDA-only and breaks `import transformers` on CPU hosts.
         "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "transformers"],
+        # Host-side collectives over MPI (PartitioningConfig.collectives = 'mpi') for jobs
+        # launched with mpirun. mpi4jax builds from source: it needs an MPI (Debian's
+        # libopenmpi-dev) and CUDA_ROOT=/usr/local/cuda set while pip builds it.
+        "mpi": ["mpi4py", "mpi4jax"],
     },
 )

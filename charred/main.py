@@ -4,7 +4,15 @@ r"""Trains a charred model from gin files.
       [--gin_file=...] [--gin_bindings='NAME=VALUE'] [--gin.NAME=VALUE]
 
 Writes DIR/config.gin (the operative config), DIR/checkpoints/, TensorBoard events,
-and DIR/samples/step_<N>.png; resumes from the newest checkpoint in DIR.
+and DIR/samples/step_<N>.png (and DIR/wandb/, DIR/profile/ when configured); resumes from
+the newest checkpoint in DIR.
+
+Multi-process (one process per host, each seeing its local devices): start the same
+command on every host with --coordinator_address=HOST0:PORT --num_processes=N
+--process_id=I, or leave them out where jax.distributed finds them itself (mpirun, SLURM,
+Kubernetes, Cloud TPU, or JAX_COORDINATOR_ADDRESS). `TrainConfig.batch_size` is global;
+each host reads its rows of every batch. The mesh is `TrainConfig.partitioning`
+(--gin.partitioning.PartitioningConfig.fsdp=8, ...).
 """
 
 from __future__ import annotations
@@ -26,6 +34,13 @@ _GIN_FILES = flags.DEFINE_multi_string('gin_file', [DEFAULT_GIN_FILE],
                                        'Gin files (repeatable), found in . or the repo gin/.')
 _GIN_BINDINGS = flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings (repeatable).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-process jobs: HOST:PORT of process 0 (default: '
+    'JAX_COORDINATOR_ADDRESS, or what jax.distributed detects).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Multi-process jobs: how many processes in all.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'Multi-process jobs: this process, 0 .. num_processes-1.')
 
 
 def load_experiment(gin_files, gin_bindings=()) -> Experiment:
@@ -59,27 +74,58 @@ def write_config(workdir: str) -> None:
   os.replace(path + '.tmp', path)
 
 
-def run(workdir: str, experiment: Experiment) -> None:
+def run(workdir: str, experiment: Experiment) -> bool:
+  """Trains; True when the run reached train_steps, False when a SIGTERM stopped it."""
   # The data layer (TensorFlow) is imported here, not by the trainer.
   from charred.datasets import pipeline  # pylint: disable=g-import-not-at-top
-  from charred.trainers import evaluators, trainer  # pylint: disable=g-import-not-at-top
+  from charred.trainers import distributed, evaluators  # pylint: disable=g-import-not-at-top
+  from charred.trainers import partitioning, trainer  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
 
   data, model, train = experiment.data, experiment.model, experiment.train
+  collectives = train.partitioning.collectives
+  distributed.check_collectives(collectives)
+  # Process 0 generates the data first; the others then find it prepared (a shared
+  # data_dir) or generate their own copy.
+  if jax.process_index() == 0:
+    pipeline.prepare(data.builder_config, data.data_dir)
+  distributed.barrier('charred.main:prepare', collectives)
   pipeline.prepare(data.builder_config, data.data_dir)
   task = pipeline.register_task(data.builder_config, data.data_dir)
+  # This process's rows of every global batch (see partitioning.process_batch_shard).
+  shard_index, shard_count = partitioning.process_batch_shard(partitioning.batch_sharding(
+      partitioning.make_mesh(train.partitioning), train.partitioning.rules))
 
   def batches(start_batch: int):
-    return pipeline.make_iterator(task, 'train', train.batch_size, model.text_length,
-                                  seed=data.seed, start_batch=start_batch,
-                                  data_dir=data.data_dir)
+    return pipeline.make_iterator(task, 'train', train.batch_size // shard_count,
+                                  model.text_length, seed=data.seed, start_batch=start_batch,
+                                  data_dir=data.data_dir, shard_index=shard_index,
+                                  shard_count=shard_count)
 
-  targets = [evaluators.RenderingTarget(**t) for t in pipeline.rendering_targets(
-      data.builder_config, 'validation', data.data_dir)]
   from charred.models.text_to_image import TextToImage  # pylint: disable=g-import-not-at-top
-  evaluator = evaluators.TextRenderingEvaluator(TextToImage(model), targets, workdir,
-                                                experiment.sample_eval)
-  trainer.train(workdir, model, train, batches,
-                evaluators={'text_rendering': (train.eval_every, evaluator)})
+
+  # Built on first use: an evaluator that never runs reads no data and compiles nothing.
+  def validation_loss():
+    held_out = pipeline.make_iterator(task, 'validation', train.batch_size, model.text_length,
+                                      shuffle=False, repeat=False, data_dir=data.data_dir)
+    return evaluators.ValidationLossEvaluator(TextToImage(model), train, held_out,
+                                              experiment.validation)
+
+  def text_rendering():
+    targets = [evaluators.RenderingTarget(**t) for t in pipeline.rendering_targets(
+        data.builder_config, 'validation', data.data_dir)]
+    return evaluators.TextRenderingEvaluator(TextToImage(model), targets, workdir,
+                                             experiment.sample_eval)
+
+  state = trainer.train(workdir, model, train, batches, evaluators=[
+      evaluators.PeriodicEvaluator('validation', experiment.validation.every, validation_loss),
+      evaluators.PeriodicEvaluator('text_rendering', train.eval_every, text_rendering)])
+  return int(state.step) >= train.train_steps
+
+
+# The shell's code for "terminated by SIGTERM": schedulers (SLURM, Kubernetes, XManager)
+# then know the job was preempted, not finished, and start it again to resume.
+EXIT_PREEMPTED = 128 + 15
 
 
 def main(argv):
@@ -99,8 +145,16 @@ def main(argv):
   except OSError as e:
     gin_utils.exit_with_error('charred.main', OSError(
         f'workdir {_WORKDIR.value!r} is not writable: {e.strerror or e}'))
-  write_config(_WORKDIR.value)
-  run(_WORKDIR.value, experiment)
+  from charred.trainers import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except (ValueError, RuntimeError) as e:
+    gin_utils.exit_with_error('charred.main', e)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    write_config(_WORKDIR.value)
+  if not run(_WORKDIR.value, experiment):
+    sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == '__main__':

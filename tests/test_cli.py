@@ -102,7 +102,7 @@ def test_prompt_longer_than_maximum(micro_run, tmp_path):
   assert not out.exists()
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path, micro_data_dir):
+def test_resume_after_kill_9_and_sigterm_equals_uninterrupted_run(tmp_path, micro_data_dir):
   steps = ['--gin.TRAIN_STEPS=40', '--gin.CHECKPOINT_EVERY=20', '--gin.EVAL_EVERY=1000']
   straight = tmp_path / 'straight'
   run_cli('main', *micro_args(straight, micro_data_dir, *steps))
@@ -120,6 +120,23 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, micro_data_dir):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (killed / 'checkpoints' / '40').exists(), 'killed too late to test a resume'
+  # The resumed run is preempted (SIGTERM) once it trains again: it checkpoints the step
+  # it is at and exits with 143, so a scheduler knows to start it again.
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'charred.main', *micro_args(killed, micro_data_dir, *steps)],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith('Resumed from step 20'):
+      break
+  assert lines and lines[-1].startswith('Resumed from step 20'), ''.join(lines)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 143, ''.join(lines) + out
+  assert 'on SIGTERM (preemption)' in out, out
+  preempted = max(int(d) for d in os.listdir(killed / 'checkpoints') if d.isdigit())
+  assert 20 < preempted < 40, out
   run_cli('main', *micro_args(killed, micro_data_dir, *steps))
 
   run_a, run_b = runs.load_run(str(straight)), runs.load_run(str(killed))

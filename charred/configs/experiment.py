@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from charred.models.text_to_image import TextToImageConfig
-from charred.trainers.evaluators import SampleEvalConfig
+from charred.trainers.evaluators import SampleEvalConfig, ValidationConfig
 from charred.trainers.trainer import TrainConfig
 
 
@@ -23,3 +23,4 @@ class Experiment:
   train: TrainConfig
   data: DataConfig = DataConfig()
   sample_eval: SampleEvalConfig = SampleEvalConfig()
+  validation: ValidationConfig = ValidationConfig()

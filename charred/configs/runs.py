@@ -42,7 +42,8 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   gin_utils.parse([config])
   experiment = gin.get_configurable(Experiment)()
   model = TextToImage(experiment.model)
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  # Read-only: the run may still be training (and writing a checkpoint right now).
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints.')
   tx = trainer.make_tx(experiment.train)

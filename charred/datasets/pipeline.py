@@ -91,10 +91,20 @@ def _placeholders(element_spec, n: int) -> tf.data.Dataset:
   return tf.data.Dataset.from_tensors(zeros).repeat(n)
 
 
+def _shard_rows(ds: tf.data.Dataset, first: int, global_batch: int, batch_size: int,
+                shard_index: int) -> tf.data.Dataset:
+  """The elements of `ds` (whose first element is number `first` of the whole stream)
+  that fall in rows [shard_index * batch_size, (shard_index + 1) * batch_size) of their
+  global batch."""
+  keep = lambda i, _: (first + i) % global_batch // batch_size == shard_index
+  return ds.enumerate().filter(keep).map(lambda _, x: x)
+
+
 def make_iterator(task_name: str, split: str, batch_size: int, text_length: int,
                   seed: int = 0, start_batch: int = 0, shuffle: bool = True,
                   repeat: bool = True, data_dir: str | None = None,
-                  shuffle_buffer_size: int = 8192) -> Iterator[dict[str, np.ndarray]]:
+                  shuffle_buffer_size: int = 8192, shard_index: int = 0,
+                  shard_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Yields numpy batches of `task_name`.
 
   Shapes: image float32 [B, H, W, 3] in [-1, 1]; text_tokens, text_mask int32
@@ -107,9 +117,19 @@ def make_iterator(task_name: str, split: str, batch_size: int, text_length: int,
   at most one epoch instead of all k batches, and yields exactly what the
   stream from 0 yields after its first k batches.
 
+  Multi-host: with `shard_count` > 1 (one shard per host, see
+  `partitioning.process_batch_shard`), the stream is cut into global batches of
+  `batch_size * shard_count` rows, exactly as one host would cut it, and shard i yields
+  rows [i * batch_size, (i + 1) * batch_size) of each. The shards' k-th batches,
+  concatenated in shard order, are the single-host batch k; so the data of a step does
+  not depend on the number of hosts, and `start_batch` (counted in global batches)
+  resumes every shard exactly. Each host reads the whole stream and keeps its rows.
+
   `data_dir` is only used to register 'typography_<config>' tasks that are not
   registered yet; a registered task keeps its own data_dir.
   """
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} is not in [0, shard_count={shard_count}).")
   if task_name not in seqio.TaskRegistry.names():
     prefix = "typography_"
     if not task_name.startswith(prefix):
@@ -117,10 +137,11 @@ def make_iterator(task_name: str, split: str, batch_size: int, text_length: int,
                        "charred.datasets.tasks.register_typography_task.")
     tasks.register_typography_task(task_name, task_name[len(prefix):], data_dir)
   num_examples = seqio.get_mixture_or_task(task_name).num_input_examples(split)
-  if not num_examples or num_examples < batch_size:
+  global_batch = batch_size * shard_count
+  if not num_examples or num_examples < global_batch:
     raise ValueError(f"{task_name}:{split} has {num_examples} examples, fewer than "
-                     f"one batch of {batch_size}.")
-  epoch, skip = divmod(start_batch * batch_size, num_examples)
+                     f"one batch of {global_batch}.")
+  epoch, skip = divmod(start_batch * global_batch, num_examples)
   if not repeat and epoch > 0:
     return
   tail = None  # The previous epoch's last (incomplete) batch.
@@ -128,6 +149,10 @@ def make_iterator(task_name: str, split: str, batch_size: int, text_length: int,
     ds = make_epoch_dataset(task_name, split, text_length, seed=seed, epoch=epoch,
                             shuffle=shuffle, shuffle_buffer_size=shuffle_buffer_size)
     ds = ds.skip(skip)
+    if not repeat:  # Drop the incomplete last global batch, on every shard alike.
+      ds = ds.take(num_examples // global_batch * global_batch - skip)
+    if shard_count > 1:
+      ds = _shard_rows(ds, epoch * num_examples + skip, global_batch, batch_size, shard_index)
     num_tail = 0 if tail is None else len(tail["image"])
     if num_tail:
       # Keep batches aligned across the epoch boundary: placeholders take the

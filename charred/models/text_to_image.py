@@ -120,8 +120,15 @@ def init_params(model: TextToImage, rng: jax.Array, codec, batch_size: int = 1):
   t = jnp.zeros((batch_size,), jnp.int32)
   # Parameters carry logical axis names (for sharding); training wants plain arrays.
   params = nn.meta.unbox(model.init(rng, x, t, tokens, jnp.ones_like(tokens))['params'])
+  return load_checkpoints(c, params)
+
+
+def load_checkpoints(config: TextToImageConfig, params):
+  """`params` with the text encoder and U-Net replaced by their pretrained checkpoints
+  where `config` names them (only the shapes of the replaced parts are read)."""
   params = dict(params)
-  for part, path in (('text_encoder', c.text_encoder_checkpoint), ('unet', c.unet_checkpoint)):
+  for part, path in (('text_encoder', config.text_encoder_checkpoint),
+                     ('unet', config.unet_checkpoint)):
     if path:
       params[part] = _load_part(path, part, params[part])
   return params

@@ -1,16 +1,102 @@
-"""Periodic evaluators: sample held-out prompts, look at them, read them with OCR."""
+"""Periodic evaluators: validation loss, and samples of held-out prompts read with OCR.
+
+An evaluator is `fn(step, params, writer) -> {name: value}`, called with the EMA params;
+it writes its own summaries. `PeriodicEvaluator` gives one its cadence and builds it on
+first use, so an evaluator that never runs costs nothing (big_vision's lazy evaluators).
+Evaluators use their own RNGs and never touch the training state.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import time
-from typing import Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
 
 from charred.evaluation import grid, text_metrics
 from charred.evaluation.ocr import OcrReader
 from charred.models.generation import ImageGenerator
+from charred.models.image_codec import make_codec
 from charred.models.text_to_image import TextToImage
+
+Evaluator = Callable[[int, Any, Any], Mapping[str, float]]
+
+
+class PeriodicEvaluator:
+  """An evaluator on its own cadence, in the manner of clu's `PeriodicCallback`.
+
+  Call it after every train step: it runs every `every` steps and at the last step
+  (`every` 0: never), building the evaluator with `build()` the first time it runs.
+  Returns the evaluator's metrics, or None when it did not run.
+  """
+
+  def __init__(self, name: str, every: int, build: Callable[[], Evaluator]):
+    if not isinstance(every, int) or every < 0:
+      raise ValueError(f'Evaluator {name!r}: every must be an integer >= 0 (0: never), '
+                       f'got {every!r}.')
+    self.name, self.every, self._build = name, every, build
+    self._evaluate = None
+
+  def __call__(self, step: int, *, params, writer, last: bool = False):
+    if not self.every or (step % self.every and not last):
+      return None
+    if self._evaluate is None:
+      self._evaluate = self._build()
+    return self._evaluate(step, params, writer)
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+  every: int = 0  # steps between validation losses; 0: never
+  num_batches: int = 4  # the first N batches of the validation split, the same each time
+  seed: int = 0  # fixes captions' timesteps and noise: losses compare across steps
+
+  def __post_init__(self):
+    if self.num_batches < 1:
+      raise ValueError(f'ValidationConfig.num_batches must be >= 1, got {self.num_batches}.')
+
+
+class ValidationLossEvaluator:
+  """The training loss on fixed held-out batches, with fixed timesteps and noise.
+
+  Captions are never dropped (the conditional model is what is evaluated), so from one
+  step to the next only the parameters change. Writes `validation/loss`.
+  """
+
+  def __init__(self, model: TextToImage, train_config, batches: Iterable[Mapping[str, Any]],
+               config: ValidationConfig = ValidationConfig(), codec=None):
+    # pylint: disable-next=g-import-not-at-top
+    from charred.trainers import trainer  # trainer imports nothing from here
+    keys = ('image', 'text_tokens', 'text_mask')
+    self.batches = [{k: np.asarray(b[k]) for k in keys}
+                    for b in itertools.islice(batches, config.num_batches)]
+    if not self.batches:
+      raise ValueError('ValidationLossEvaluator: the validation batches are empty.')
+    self.config = config
+    loss_config = dataclasses.replace(train_config, caption_dropout=0.0)
+    codec = codec or make_codec(model.config.pixel_space, model.config.autoencoder_path)
+
+    def loss(params, batch, rng):
+      encode_rng, loss_rng = jax.random.split(rng)
+      batch = dict(batch, image=codec.encode(batch['image'], encode_rng))
+      return trainer.compute_loss(params, model, loss_config, batch, loss_rng)
+
+    self._loss = jax.jit(loss)
+
+  def __call__(self, step: int, params, writer) -> dict[str, float]:
+    start = time.time()
+    rng = jax.random.PRNGKey(self.config.seed)
+    losses = [self._loss(params, batch, jax.random.fold_in(rng, i))
+              for i, batch in enumerate(self.batches)]
+    sizes = [len(b['image']) for b in self.batches]
+    metrics = {'validation/loss': float(np.average(np.asarray(losses), weights=sizes)),
+               'validation/seconds': time.time() - start}
+    writer.write_scalars(step, metrics)
+    return metrics
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ import jax
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array  # number of optimizer updates applied
+  step: jax.Array  # train steps taken (micro-batches, with gradient accumulation)
   params: Any
   ema_params: Any  # exponential moving average of params; what samplers use
   opt_state: Any

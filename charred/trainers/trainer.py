@@ -7,11 +7,12 @@ included; evaluators run on their own cadence and never touch the training RNG.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,14 +21,20 @@ import optax
 from charred import tokenizer
 from charred.models import diffusion
 from charred.models.image_codec import make_codec
-from charred.models.text_to_image import TextToImage, TextToImageConfig, init_params
-from charred.trainers import checkpoints, optimizer as optimizer_lib
+from charred.models.text_to_image import (TextToImage, TextToImageConfig, init_params,
+                                           load_checkpoints)
+from charred.trainers import checkpoints, losses, optimizer as optimizer_lib
+from charred.trainers import distributed, monitoring
+from charred.trainers import partitioning
 from charred.trainers.train_state import TrainState, ema_update
 
 Batch = dict[str, np.ndarray]
 # start_batch -> iterator of batches with `image` [B,H,W,3] in [-1, 1], `text_tokens` [B,L]
 # and `text_mask` [B,L]; the stream from k equals the stream from 0 minus k batches.
 BatchesFn = Callable[[int], Iterator[Batch]]
+
+
+NAN_POLICIES = ('skip', 'stop', 'none')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,138 +49,394 @@ class TrainConfig:
   train_text_encoder: bool = True  # False: the encoder is frozen (e.g. pretrained ByT5)
   seed: int = 0
   log_every: int = 50
+  # Writers (TensorBoard, W&B, OpenTelemetry), the profiler and MFU.
+  monitoring: monitoring.MonitoringConfig = monitoring.MonitoringConfig()
   eval_every: int = 1000
   checkpoint_every: int = 1000
-  keep_checkpoints: int = 3
+  # Checkpoints kept: the newest `keep_checkpoints` (None: all), plus every multiple of
+  # `keep_every` steps (a multiple of checkpoint_every). Saves are asynchronous unless
+  # `async_checkpoints` is False; a SIGTERM also saves (and stops) at the current step.
+  keep_checkpoints: int | None = 3
+  keep_every: int | None = None
+  async_checkpoints: bool = True
+  # Min-SNR-gamma loss weighting (arXiv 2303.09556; the paper uses 5); None: unweighted.
+  min_snr_gamma: float | None = None
+  # Offset noise: noise + offset_noise * N(0, 1) of shape [B, 1, 1, C] (0.1 is usual).
+  offset_noise: float = 0.0
+  # Gradient accumulation: each train step consumes one micro-batch of `batch_size`, and
+  # every `accumulation_steps`-th step applies one optimizer update on their mean gradient.
+  # `train_steps`, `state.step`, checkpoints and the data position count micro-batches;
+  # the learning-rate schedule (warm-up included) and the EMA count optimizer updates.
+  accumulation_steps: int = 1
+  # Non-finite loss or gradients: 'skip' the update (params, EMA and optimizer state stay
+  # as they were; the `nonfinite` metric counts it), 'stop' (skip, then raise at the host;
+  # costs a host sync per step), or 'none' (no check).
+  nan_policy: str = 'skip'
+  # With train_text_encoder=False: run the frozen encoder on the host CPU, outside the
+  # train step, and feed its hidden states to the step (see HostTextEncoder).
+  text_encoder_on_host: bool = False
+  # Device mesh ('data', 'fsdp', 'tensor') and logical axis rules; `batch_size` is global
+  # (summed over processes and devices) and must divide over 'data' x 'fsdp'.
+  partitioning: partitioning.PartitioningConfig = partitioning.PartitioningConfig()
+
+  def __post_init__(self):
+    if not isinstance(self.accumulation_steps, int) or self.accumulation_steps < 1:
+      raise ValueError(f'accumulation_steps must be an integer >= 1, got '
+                       f'{self.accumulation_steps!r}.')
+    if self.train_steps % self.accumulation_steps:
+      raise ValueError(f'train_steps ({self.train_steps}) counts micro-batches and must be a '
+                       f'multiple of accumulation_steps ({self.accumulation_steps}).')
+    if self.nan_policy not in NAN_POLICIES:
+      raise ValueError(f'Unknown nan_policy {self.nan_policy!r}; expected one of '
+                       f'{NAN_POLICIES}.')
+    if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+      raise ValueError(f'min_snr_gamma must be None or > 0, got {self.min_snr_gamma}.')
+    if not self.offset_noise >= 0:
+      raise ValueError(f'offset_noise must be >= 0, got {self.offset_noise}.')
+    if self.text_encoder_on_host and self.train_text_encoder:
+      raise ValueError('text_encoder_on_host needs train_text_encoder=False: only a frozen '
+                       'encoder can run outside the gradient.')
+    if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 1):
+      raise ValueError(f'checkpoint_every must be an integer >= 1, got '
+                       f'{self.checkpoint_every!r}.')
+    if self.keep_every is not None and (
+        not isinstance(self.keep_every, int) or self.keep_every < 1 or
+        self.keep_every % self.checkpoint_every):
+      raise ValueError(f'keep_every ({self.keep_every!r}) must be None or a positive multiple '
+                       f'of checkpoint_every ({self.checkpoint_every}).')
 
 
-def compute_loss(params, model: TextToImage, config: TrainConfig, batch, rng):
-  """Mean squared error against the configured target at uniform random timesteps."""
+# Every random draw for example n of optimizer update u depends on (rng, u, n) only, so
+# k micro-batches of b examples see exactly what one batch of k*b examples sees.
+_DROP, _TIMESTEP, _NOISE, _ENCODE = range(4)
+
+
+def update_rng(rng, step, accumulation_steps: int, batch_size: int):
+  """(rng of the update that train step `step` contributes to, index of the step's first
+  example within that update)."""
+  k = accumulation_steps
+  return jax.random.fold_in(rng, step // k), (step % k) * batch_size
+
+
+def example_keys(rng, first_example, batch_size: int, stream: int):
+  """Keys [B, ...] of one random stream: example i's is drawn from
+  fold_in(fold_in(rng, first_example + i), stream)."""
+  index = first_example + jnp.arange(batch_size)
+  return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, i), stream))(index)
+
+
+def drop_captions(model_config: TextToImageConfig, config: TrainConfig, tokens, mask, rng,
+                  first_example=0):
+  """Captions replaced by the empty caption with probability `caption_dropout`."""
+  keys = example_keys(rng, first_example, tokens.shape[0], _DROP)
+  drop = jax.vmap(lambda k: jax.random.bernoulli(k, config.caption_dropout))(keys)[:, None]
+  empty_tokens, empty_mask = (jnp.asarray(a) for a in tokenizer.encode_batch(
+      [''], model_config.text_length))
+  return jnp.where(drop, empty_tokens, tokens), jnp.where(drop, empty_mask, mask)
+
+
+def compute_loss(params, model: TextToImage, config: TrainConfig, batch, rng, first_example=0,
+                 context=None):
+  """Mean squared error against the configured target at uniform random timesteps, in
+  float32 whatever the compute dtype, optionally Min-SNR-gamma weighted per example.
+
+  Example i of the batch is example `first_example + i` of its update (see example_keys).
+  `context`: the text encoder's hidden states for the captions after dropout, when a
+  frozen encoder ran outside the differentiated function; None encodes them here.
+  """
   mc = model.config
-  images, tokens, mask = batch['image'], batch['text_tokens'], batch['text_mask']
+  images = batch['image']
   b = images.shape[0]
-  drop_rng, t_rng, noise_rng = jax.random.split(rng, 3)
-  empty_tokens, empty_mask = (jnp.asarray(a) for a in tokenizer.encode_batch([''], mc.text_length))
-  drop = jax.random.bernoulli(drop_rng, config.caption_dropout, (b, 1))
-  tokens = jnp.where(drop, empty_tokens, tokens)
-  mask = jnp.where(drop, empty_mask, mask)
-
-  t = jax.random.randint(t_rng, (b,), 0, mc.noise_schedule.num_train_timesteps)
+  tokens, mask = drop_captions(mc, config, batch['text_tokens'], batch['text_mask'], rng,
+                               first_example)
+  t = jax.vmap(lambda k: jax.random.randint(k, (), 0, mc.noise_schedule.num_train_timesteps))(
+      example_keys(rng, first_example, b, _TIMESTEP))
   alpha_bar = jnp.asarray(mc.noise_schedule.alphas_cumprod())[t]
-  noise = jax.random.normal(noise_rng, images.shape, jnp.float32)
+  noise = jax.vmap(lambda k: losses.sample_noise(k, images.shape[1:], config.offset_noise))(
+      example_keys(rng, first_example, b, _NOISE))
   x_t = diffusion.add_noise(images, noise, alpha_bar)
-  context = model.apply({'params': params}, tokens, mask, method=TextToImage.encode_text)
-  if not config.train_text_encoder:
-    context = jax.lax.stop_gradient(context)
+  if context is None:
+    context = model.apply({'params': params}, tokens, mask, method=TextToImage.encode_text)
+    if not config.train_text_encoder:
+      context = jax.lax.stop_gradient(context)
   prediction = model.apply({'params': params}, x_t, t, context, mask, method=TextToImage.denoise)
   target = diffusion.training_target(mc.prediction_type, images, noise, alpha_bar)
-  return jnp.mean(jnp.square(prediction - target))
+  loss = losses.per_example_mse(prediction, target)
+  if config.min_snr_gamma is not None:
+    loss = loss * losses.min_snr_weight(alpha_bar, mc.prediction_type, config.min_snr_gamma)
+  return jnp.mean(loss)
 
 
 def train_step(state: TrainState, batch, rng, *, model, config: TrainConfig, tx, codec):
-  rng, encode_rng = jax.random.split(jax.random.fold_in(rng, state.step))
-  # The frozen codec (identity, or a VAE) runs outside the differentiated function.
-  batch = dict(batch, image=codec.encode(batch['image'], encode_rng))
-  loss, grads = jax.value_and_grad(compute_loss)(state.params, model, config, batch, rng)
+  """One train step on one (micro-)batch; an optimizer update every
+  `config.accumulation_steps` steps. `batch` may carry `text_context`, the frozen text
+  encoder's hidden states computed outside (HostTextEncoder)."""
+  batch = dict(batch)
+  b = batch['image'].shape[0]
+  rng, first = update_rng(rng, state.step, config.accumulation_steps, b)
+  # The frozen codec (identity, or a VAE) runs outside the differentiated function, and
+  # draws each example's posterior sample from that example's key.
+  batch['image'] = jax.vmap(lambda x, k: codec.encode(x[None], k)[0])(
+      batch['image'], example_keys(rng, first, b, _ENCODE))
+  context = batch.pop('text_context', None)
+  if context is None and not config.train_text_encoder:
+    # A frozen encoder runs outside too: neither differentiated nor recomputed there.
+    tokens, mask = drop_captions(model.config, config, batch['text_tokens'],
+                                 batch['text_mask'], rng, first)
+    context = model.apply({'params': state.params}, tokens, mask,
+                          method=TextToImage.encode_text)
+  if context is not None:
+    context = jax.lax.stop_gradient(context)
+  loss, grads = jax.value_and_grad(compute_loss)(state.params, model, config, batch, rng,
+                                                 first, context)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
-  ema = ema_update(state.ema_params, params, state.step, config.ema_decay)
+  params = optax.apply_updates(state.params, updates)
+  old_ms = optimizer_lib.find_multi_steps_state(state.opt_state)
+  if old_ms is None:
+    applied, num_updates = jnp.array(True), state.step
+  else:  # accumulating: an update happened iff MultiSteps counted one
+    num_updates = old_ms.gradient_step
+    applied = optimizer_lib.find_multi_steps_state(opt_state).gradient_step != num_updates
+  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+  if config.nan_policy != 'none':
+    # One scalar for all gradients (a NaN or Inf anywhere makes the norm so): per-leaf
+    # checks cost noticeably more compile time.
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
+    keep = lambda new, old: jax.tree_util.tree_map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    applied = applied & finite
+    metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
+  ema = jax.tree_util.tree_map(
+      lambda n, o: jnp.where(applied, n, o),
+      ema_update(state.ema_params, params, num_updates, config.ema_decay), state.ema_params)
+  if not config.train_text_encoder:  # the very same arrays: no p + 0 for frozen weights
+    params = dict(params, text_encoder=state.params['text_encoder'])
+    ema = dict(ema, text_encoder=state.ema_params['text_encoder'])
   new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-  return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+  return new_state, metrics
+
+
+class HostTextEncoder:
+  """The frozen text encoder on the host CPU, run before each train step: its FLOPs (and
+  a copy of its parameters) live on the host, and the step receives its hidden states as
+  `batch['text_context']`. It drops captions exactly as the step does (same keys).
+
+  The train state still holds the encoder's parameters (they are checkpointed with the
+  rest); keep them off the accelerator through the state's shardings if memory matters.
+  `feed_index`: this process's block of rows in the global batch (process_batch_shard).
+  """
+
+  def __init__(self, model: TextToImage, params, config: TrainConfig, feed_index: int = 0):
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    self.cpu = jax.devices('cpu')[0]
+    # Gathered to host numpy first: sharded params may span devices or processes.
+    self.params = jax.device_put(
+        multihost_utils.process_allgather(params['text_encoder'], tiled=True), self.cpu)
+    self.feed_index = feed_index
+
+    def encode(encoder_params, tokens, mask, rng, step):
+      # Example indices are global: this process's rows start at feed_index * rows.
+      rng, first = update_rng(rng, step, config.accumulation_steps, config.batch_size)
+      first = first + feed_index * tokens.shape[0]
+      tokens, mask = drop_captions(model.config, config, tokens, mask, rng, first)
+      return model.apply({'params': {'text_encoder': encoder_params}}, tokens, mask,
+                         method=TextToImage.encode_text)
+
+    self._encode = jax.jit(encode)
+
+  def __call__(self, batch, step: int, rng):
+    """`batch` (this process's rows) plus `text_context` for the train step taken from
+    state.step == `step`."""
+    args = jax.device_put((batch['text_tokens'], batch['text_mask'], rng,
+                           np.int32(step)), self.cpu)
+    return dict(batch, text_context=np.asarray(self._encode(self.params, *args)))
+
+
+def raise_if_nonfinite(metrics, step: int) -> None:
+  """nan_policy='stop': the step skipped its update; stop the run with a clear error."""
+  if 'nonfinite' in metrics and float(metrics['nonfinite']) > 0:
+    raise FloatingPointError(
+        f'Step {step}: the loss or the gradients are not finite (loss '
+        f'{float(metrics["loss"])}); the update was skipped and training stopped '
+        "(nan_policy='stop'). The last checkpoint is intact.")
 
 
 def create_state(model: TextToImage, config: TrainConfig, tx, codec) -> TrainState:
-  params = init_params(model, jax.random.PRNGKey(config.seed), codec)
+  return state_from_params(init_params(model, jax.random.PRNGKey(config.seed), codec), tx)
+
+
+def state_from_params(params, tx) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree_util.tree_map(jnp.copy, params),
                     opt_state=tx.init(params))
 
 
+def _without_checkpoints(model: TextToImage) -> TextToImage:
+  """The same model, randomly initialised (init_params loads no pretrained part)."""
+  c = model.config
+  if not (c.text_encoder_checkpoint or c.unet_checkpoint):
+    return model
+  return TextToImage(dataclasses.replace(c, text_encoder_checkpoint=None,
+                                         unet_checkpoint=None))
+
+
+def param_axes(model: TextToImage, codec):
+  """The logical axis names of every parameter (a PartitionSpec per leaf), read from the
+  boxed init without allocating anything."""
+  c = model.config
+  x = jax.ShapeDtypeStruct((1,) + c.diffusion_shape(codec), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((1, c.text_length), jnp.int32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, tokens, tokens)
+  return nn.get_partition_spec(boxed)['params']
+
+
+def state_shardings(model: TextToImage, config: TrainConfig, tx, codec, mesh,
+                    rules: partitioning.Rules | None = None) -> TrainState:
+  """The NamedSharding of every leaf of the TrainState that `create_state` builds (the
+  target of a sharded restore), without allocating anything."""
+  rules = config.partitioning.rules if rules is None else rules
+  random = _without_checkpoints(model)
+  abstract = jax.eval_shape(lambda: create_state(random, config, tx, codec))
+  return partitioning.state_shardings(mesh, rules, abstract, param_axes(model, codec))
+
+
+def create_sharded_state(model: TextToImage, config: TrainConfig, tx, codec, mesh,
+                         rules: partitioning.Rules | None = None) -> TrainState:
+  """`create_state`, born sharded: each device initialises only its own shards. Pretrained
+  parts are read on the host and placed onto the same shardings."""
+  shardings = state_shardings(model, config, tx, codec, mesh, rules)
+  random = _without_checkpoints(model)
+  state = jax.jit(lambda: create_state(random, config, tx, codec), out_shardings=shardings)()
+  if random is model:
+    return state
+  params = partitioning.place(load_checkpoints(model.config, state.params), shardings.params)
+  return jax.jit(functools.partial(state_from_params, tx=tx), out_shardings=shardings,
+                 donate_argnums=0)(params)
+
+
 def make_tx(config: TrainConfig):
   frozen = () if config.train_text_encoder else ('text_encoder',)
-  return optimizer_lib.make_optimizer(config.optimizer, config.train_steps, frozen)
+  return optimizer_lib.make_optimizer(
+      config.optimizer, optimizer_lib.num_updates(config.train_steps, config.accumulation_steps),
+      frozen, accumulation_steps=config.accumulation_steps)
 
 
-class Progress:
-  """One line per report: step, loss, steps/s, images/s, ETA."""
-
-  def __init__(self, total_steps: int, batch_size: int, first_step: int):
-    self.total, self.batch_size = total_steps, batch_size
-    self.last_step, self.last_time = first_step, time.time()
-
-  def line(self, step: int, loss: float) -> tuple[str, float]:
-    """The progress line and the steps/s since the previous report."""
-    now = time.time()
-    steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
-    self.last_step, self.last_time = step, now
-    eta = (self.total - step) / max(steps_per_sec, 1e-9)
-    return (f'step {step}/{self.total} | loss {loss:.4f} | {steps_per_sec:.2f} steps/s | '
-            f'{steps_per_sec * self.batch_size:.1f} images/s | ETA {_hms(eta)}'), steps_per_sec
+def learning_rate(config: TrainConfig, step: int) -> float:
+  """The scheduled learning rate after `step` train steps (step // k updates)."""
+  k = config.accumulation_steps
+  return float(optimizer_lib.learning_rate_schedule(
+      config.optimizer, optimizer_lib.num_updates(config.train_steps, k))(step // k))
 
 
-def _hms(seconds: float) -> str:
-  seconds = int(seconds)
-  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+def jit_train_step(model: TextToImage, config: TrainConfig, tx, codec, state: TrainState,
+                   batch_sharding):
+  """`train_step` jitted for `state`'s shardings and batches sharded as `batch_sharding`
+  (the random key replicated); the old state's buffers are donated to the new one.
+  Called as step_fn(state, batch, rng) -> (state, metrics)."""
+  shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  replicated = partitioning.replicated(batch_sharding.mesh)
+  return jax.jit(functools.partial(train_step, model=model, config=config, tx=tx, codec=codec),
+                 in_shardings=(shardings, batch_sharding, replicated),
+                 out_shardings=(shardings, replicated), donate_argnums=0)
 
 
 def train(workdir: str, model_config: TextToImageConfig, config: TrainConfig,
-          batches: BatchesFn, evaluators: dict[str, Any] | None = None,
+          batches: BatchesFn, evaluators: Sequence[Any] = (),
           log: Callable[[str], None] = print) -> TrainState:
   """Trains to `config.train_steps`, resuming from `workdir/checkpoints` if present.
 
-  `evaluators` maps a name to `(every_n_steps, fn(step, ema_params, writer) -> metrics)`.
+  `evaluators`: `evaluators.PeriodicEvaluator`s (or anything with a `name` and that call
+  signature), called after every step with the EMA params.
   """
   model = TextToImage(model_config)
   codec = make_codec(model_config.pixel_space, model_config.autoencoder_path)
   model_config.check_codec(codec)
   tx = make_tx(config)
-  state = create_state(model, config, tx, codec)
-  ckpt = checkpoints.Checkpointer(f'{workdir}/checkpoints', config.keep_checkpoints)
-  data_state = {'position': 0}
-  if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(state)
-    log(f'Resumed from step {int(state.step)} (data position {data_state["position"]}).')
-  # clu's writers import TensorFlow (for TensorBoard); keep that out of import time.
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-  log(f'{num_params:,} parameters; training to step {config.train_steps} with batch '
-      f'{config.batch_size}.')
+  pconfig = config.partitioning
+  distributed.check_collectives(pconfig.collectives)
+  mesh = partitioning.make_mesh(pconfig)
+  batch_sharding = partitioning.batch_sharding(mesh, pconfig.rules)
+  num_shards = partitioning.num_batch_shards(batch_sharding)
+  if config.batch_size % num_shards:
+    raise ValueError(f'batch_size {config.batch_size} does not divide over the {num_shards} '
+                     f"batch shards of mesh {dict(mesh.shape)} ('data' x 'fsdp').")
+  _, num_feeds = partitioning.process_batch_shard(batch_sharding)
+  ckpt = checkpoints.Checkpointer(f'{workdir}/checkpoints', config.keep_checkpoints,
+                                  config.keep_every, config.async_checkpoints)
+  # However the run ends (done, preempted, an exception), pending saves are written and
+  # the writers (W&B, OpenTelemetry, the profiler) are flushed and closed.
+  preemption = checkpoints.Preemption(ckpt)
+  with contextlib.ExitStack() as cleanup:
+    cleanup.callback(ckpt.close)
+    cleanup.enter_context(preemption.handling())  # from here on, SIGTERM stops cleanly
+    data_state = {'position': 0}
+    if ckpt.latest_step() is None:
+      state = create_sharded_state(model, config, tx, codec, mesh, pconfig.rules)
+    else:  # straight onto the mesh: nothing initialised, no pretrained weights read
+      abstract = jax.eval_shape(
+          lambda: create_state(_without_checkpoints(model), config, tx, codec))
+      state, data_state = ckpt.restore(
+          abstract, shardings=state_shardings(model, config, tx, codec, mesh, pconfig.rules),
+          set_aside=True)
+      log(f'Resumed from step {int(state.step)} (data position {data_state["position"]}).')
+    distributed.check_same_on_all_processes(
+        {'step': int(state.step), 'data position': data_state['position']}, pconfig.collectives)
+    monitor = monitoring.Monitor(
+        workdir, config.monitoring, total_steps=config.train_steps, batch_size=config.batch_size,
+        first_step=int(state.step), log=log,
+        hparams={'train': dataclasses.asdict(config), 'model': dataclasses.asdict(model_config)})
+    cleanup.callback(monitor.close)
+    writer = monitor.writer
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    log(f'{num_params:,} parameters; training to step {config.train_steps} with batch '
+        f'{config.batch_size}.')
 
-  step_fn = jax.jit(functools.partial(train_step, model=model, config=config, tx=tx,
-                                      codec=codec),
-                    donate_argnums=0)
-  rng = jax.random.PRNGKey(config.seed + 1)
-  evaluators = evaluators or {}
-  first_step = int(state.step)
-  progress = Progress(config.train_steps, config.batch_size, first_step)
-  data = batches(data_state['position'])
-  pending = []
-  for step in range(first_step + 1, config.train_steps + 1):
-    batch = next(data)
-    batch = {k: batch[k] for k in ('image', 'text_tokens', 'text_mask')}
-    state, metrics = step_fn(state, batch, rng)
-    data_state = {'position': data_state['position'] + 1}
-    pending.append(metrics)
-    last = step == config.train_steps
-    if step % config.log_every == 0 or last:
-      means = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
-      pending = []
-      line, steps_per_sec = progress.line(step, means['loss'])
-      log(line)
-      writer.write_scalars(step, {**{f'train/{k}': v for k, v in means.items()},
-                                  'train/steps_per_sec': steps_per_sec,
-                                  'train/learning_rate': float(
-                                      optimizer_lib.learning_rate_schedule(
-                                          config.optimizer, config.train_steps)(step))})
-    if step % config.checkpoint_every == 0 or last:
-      ckpt.save(state, data_state)
-    for name, (every, evaluate) in evaluators.items():
-      if step % every == 0 or last:
-        metrics = evaluate(step, state.ema_params, writer)
-        log(f'eval {name} @ {step}: ' + ', '.join(
-            f'{k.split("/", 1)[-1]} {v:.3f}' for k, v in metrics.items()))
-  ckpt.wait()
-  ckpt.close()
-  writer.flush()
+    step_fn = jit_train_step(model, config, tx, codec, state, batch_sharding)
+    # Host numpy: every process passes the same key, replicated by the jit.
+    rng = np.asarray(jax.random.PRNGKey(config.seed + 1))
+    host_encoder = (HostTextEncoder(model, state.params, config,
+                                   partitioning.process_batch_shard(batch_sharding)[0])
+                    if config.text_encoder_on_host else None)
+    first_step = int(state.step)
+    data = batches(data_state['position'])
+    pending = []
+    for step in preemption.steps(range(first_step + 1, config.train_steps + 1)):
+      batch = next(data)
+      batch = {k: batch[k] for k in ('image', 'text_tokens', 'text_mask')}
+      if host_encoder:
+        batch = host_encoder(batch, step - 1, rng)
+      if len(batch['image']) * num_feeds != config.batch_size:
+        raise ValueError(f'The data gave {len(batch["image"])} rows; batch_size '
+                         f'{config.batch_size} from {num_feeds} process(es) needs '
+                         f'{config.batch_size // num_feeds} per process.')
+      # This process's rows -> one global array per key, sharded over 'data' x 'fsdp'.
+      batch = partitioning.global_batch(batch, batch_sharding, num_feeds)
+      monitor.before_step(step, step_fn, state, batch, rng)  # FLOPs once; profiler
+      state, metrics = step_fn(state, batch, rng)
+      if config.nan_policy == 'stop':
+        raise_if_nonfinite(metrics, step)
+      data_state = {'position': data_state['position'] + 1}
+      pending.append(metrics)
+      last = step == config.train_steps
+      monitor.after_step(step, state, last)
+      if step % config.log_every == 0 or last:
+        means = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
+        pending = []
+        log(monitor.report(step, means, {'train/learning_rate': learning_rate(config, step)}))
+      stop = preemption.reached(step)  # SIGTERM: checkpoint this step, then stop
+      if step % config.checkpoint_every == 0 or last or stop:
+        ckpt.save(state, data_state, step=step)  # asynchronous
+      if stop:
+        ckpt.wait()
+        log(f'Stopped at step {step} on SIGTERM (preemption); its checkpoint is written: run '
+            'again to resume.')
+        break
+      for evaluator in evaluators:
+        metrics = evaluator(step, params=state.ema_params, writer=writer, last=last)
+        if metrics is not None:
+          log(f'eval {evaluator.name} @ {step}: ' + ', '.join(
+              f'{k.split("/", 1)[-1]} {v:.3f}' for k, v in metrics.items()))
+    ckpt.wait()
   return state

@@ -1,0 +1,102 @@
+"""Periodic evaluators: cadence, lazy building, validation loss, and no effect on training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from charred import tokenizer
+from charred.models.text_to_image import TextToImage
+from charred.trainers import evaluators, trainer
+from charred.trainers.optimizer import OptimizerConfig
+from test_monitoring import nano_model
+from test_trainer import fixed_batch
+
+
+def test_periodic_evaluator_cadence_and_lazy_build():
+  built, ran = [], []
+
+  def build():
+    built.append(len(ran))
+    return lambda step, params, writer: ran.append(step) or {'eval/x': 1.0}
+
+  every3 = evaluators.PeriodicEvaluator('x', 3, build)
+  results = [every3(s, params=None, writer=None, last=s == 7) for s in range(1, 8)]
+  assert ran == [3, 6, 7] and built == [0]  # built once, when first due
+  assert [r is not None for r in results] == [s in (3, 6, 7) for s in range(1, 8)]
+  never = evaluators.PeriodicEvaluator('never', 0, lambda: pytest.fail('built'))
+  assert never(5, params=None, writer=None, last=True) is None
+  with pytest.raises(ValueError, match="'bad': every must be"):
+    evaluators.PeriodicEvaluator('bad', -1, build)
+
+
+class FakeOcr:
+  """Reads 'ab' everywhere: the sampling and the grid run; OCR's speed does not matter."""
+
+  def read(self, images):
+    return ['ab'] * len(images)
+
+
+def validation_batches(n=3):
+  rng = np.random.default_rng(1)
+  for i in range(n):
+    tokens, mask = tokenizer.encode_batch([f'held{i}a', f'held{i}b'], 16)
+    image = rng.uniform(-1, 1, (2, 8, 16, 3)) * (i + 1) / n  # a different mean square each
+    yield {'image': image.astype(np.float32), 'text_tokens': tokens, 'text_mask': mask,
+           'caption': np.array(['x', 'y'])}
+
+
+@pytest.mark.slow
+def test_evaluators_every_step_leave_training_bit_identical(tmp_path):
+  model_config = nano_model()
+  config = trainer.TrainConfig(
+      train_steps=3, batch_size=2, log_every=1, checkpoint_every=1000, nan_policy='none',
+      optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
+      monitoring=trainer.monitoring.MonitoringConfig(count_flops=False))
+  model = TextToImage(model_config)
+  batch = fixed_batch(2)
+  batches = lambda start: iter(lambda: batch, None)
+  validation = evaluators.ValidationConfig(every=1, num_batches=2, seed=3)
+  losses, built = {}, {}
+
+  def build_validation():
+    built['validation'] = evaluators.ValidationLossEvaluator(
+        model, config, validation_batches(), validation)
+    return lambda step, params, writer: losses.setdefault(
+        step, built['validation'](step, params, writer))
+
+  def build_samples():
+    targets = [evaluators.RenderingTarget('sign "ab"', 'ab')] * 2  # text_length 16
+    return evaluators.TextRenderingEvaluator(
+        model, targets, str(tmp_path / 'with'),
+        evaluators.SampleEvalConfig(num_prompts=2, num_steps=2), ocr=FakeOcr())
+
+  plain = trainer.train(str(tmp_path / 'plain'), model_config, config, batches,
+                        log=lambda s: None)
+  lines = []
+  evaluated = trainer.train(
+      str(tmp_path / 'with'), model_config, config, batches, log=lines.append, evaluators=[
+          evaluators.PeriodicEvaluator('validation', 1, build_validation),
+          evaluators.PeriodicEvaluator('text_rendering', 1, build_samples)])
+
+  same = jax.tree_util.tree_map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                                plain, evaluated)
+  assert all(jax.tree_util.tree_leaves(same))
+  assert sorted(losses) == [1, 2, 3]
+  assert sum(line.startswith('eval text_rendering @ ') for line in lines) == 3
+  assert (tmp_path / 'with' / 'samples' / 'step_3.png').exists()
+  assert not (tmp_path / 'with' / 'profile').exists()  # no profile unless asked for
+
+  # The last validation loss is that of the final EMA params, not the raw params, and
+  # the same parameters always give the same loss (fixed timesteps and noise).
+  evaluate = built['validation']
+  writer = type('Writer', (), {'write_scalars': lambda self, step, scalars: None})()
+  loss = lambda params: evaluate(3, params, writer)['validation/loss']
+  assert loss(evaluated.ema_params) == losses[3]['validation/loss']
+  assert loss(evaluated.params) != losses[3]['validation/loss']
+  # A U-Net with all weights zero predicts 0 everywhere, so the x0-target loss is the
+  # mean squared image over the fixed batches, whatever the timesteps and noise.
+  zero = dict(evaluated.ema_params,
+              unet=jax.tree_util.tree_map(jnp.zeros_like, evaluated.ema_params['unet']))
+  expected = np.mean([np.mean(np.square(b['image'])) for b in list(validation_batches())[:2]])
+  assert loss(zero) == pytest.approx(expected, rel=1e-5)
