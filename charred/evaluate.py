@@ -18,20 +18,12 @@ from absl import app
 from absl import flags
 
 from charred.configs import gin_utils
+from charred.configs import sampling_flags as sf
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.gin + checkpoints).')
 _WORDS_FILE = flags.DEFINE_string('words_file', None, 'One word per line (default: the '
                                   "run's validation words).")
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-_STEPS = flags.DEFINE_integer('steps', 50, 'Sampling steps.')
-_GUIDANCE = flags.DEFINE_float('guidance_scale', 3.0, 'Classifier-free guidance scale.')
-_SCHEDULER = flags.DEFINE_string('scheduler', 'ddim', 'Sampler: ddim, ddpm, euler, '
-                                 'euler_ancestral or dpmpp_2m (trailing spacing).')
-_RESCALE = flags.DEFINE_float('guidance_rescale', 0.0, 'Guidance rescale phi in [0, 1] '
-                              '(0.7 suits a zero-terminal-SNR schedule).')
 _BATCH = flags.DEFINE_integer('batch_size', 100, 'Prompts sampled at once.')
 _SAMPLES = flags.DEFINE_string('samples_png', None, 'Also write a labelled grid here.')
-_STEP = flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: newest).')
 
 
 def read_words(path: str) -> list[str]:
@@ -51,12 +43,12 @@ def main(argv):
   from charred.models import schedulers  # pylint: disable=g-import-not-at-top
   from charred.models.generation import ImageGenerator, PromptTooLongError  # pylint: disable=g-import-not-at-top
   from charred.trainers import evaluators  # pylint: disable=g-import-not-at-top
-  if not _WORKDIR.value:
+  if not sf.WORKDIR.value:
     gin_utils.exit_with_error('charred.evaluate', ValueError('--workdir is required.'))
   start = time.time()
   try:
-    schedulers.lookup(_SCHEDULER.value)  # a bad name fails before the run loads
-    run = runs.load_run(_WORKDIR.value, _STEP.value)
+    schedulers.lookup(sf.SCHEDULER.value)  # a bad name fails before the run loads
+    run = runs.load_run(sf.WORKDIR.value, sf.CHECKPOINT_STEP.value)
     if _WORDS_FILE.value:
       from charred.datasets import render, words as words_lib  # pylint: disable=g-import-not-at-top
       texts = read_words(_WORDS_FILE.value)
@@ -69,18 +61,16 @@ def main(argv):
       prompts = [t['prompt'] for t in targets]
       texts = [t['text'] for t in targets]
       buckets = [t['bucket'] for t in targets]
-    generator = ImageGenerator(run.model, run.params, num_steps=_STEPS.value,
-                               guidance_scale=_GUIDANCE.value, scheduler=_SCHEDULER.value,
-                               guidance_rescale=_RESCALE.value)
-    images = generator(prompts, seed=_SEED.value, batch_size=_BATCH.value)
+    generator = ImageGenerator(run.model, run.params, **sf.generator_kwargs())
+    images = generator(prompts, seed=sf.SEED.value, batch_size=_BATCH.value)
   except (PromptTooLongError, FileNotFoundError, ValueError) as e:
     gin_utils.exit_with_error('charred.evaluate', e)
   result, labels = evaluators.read_and_score(OcrReader(), images, texts, buckets)
   if _SAMPLES.value:
     os.makedirs(os.path.dirname(os.path.abspath(_SAMPLES.value)), exist_ok=True)
     grid.save_png(_SAMPLES.value, grid.make_grid(images, labels))
-  result.update(step=run.step, steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
-                scheduler=_SCHEDULER.value, guidance_rescale=_RESCALE.value,
+  result.update(step=run.step, steps=sf.STEPS.value, guidance_scale=sf.GUIDANCE_SCALE.value,
+                scheduler=sf.SCHEDULER.value, guidance_rescale=sf.GUIDANCE_RESCALE.value,
                 seconds=round(time.time() - start, 1))
   print(json.dumps(result, sort_keys=True))
 

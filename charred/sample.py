@@ -14,19 +14,11 @@ from absl import flags
 import numpy as np
 
 from charred.configs import gin_utils
+from charred.configs import sampling_flags as sf
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.gin + checkpoints).')
 _PROMPT = flags.DEFINE_string('prompt', None, 'Text prompt.')
 _OUTPUT = flags.DEFINE_string('output', 'sample.png', 'PNG file to write.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-_STEPS = flags.DEFINE_integer('steps', 50, 'Sampling steps.')
-_GUIDANCE = flags.DEFINE_float('guidance_scale', 3.0, 'Classifier-free guidance scale.')
-_SCHEDULER = flags.DEFINE_string('scheduler', 'ddim', 'Sampler: ddim, ddpm, euler, '
-                                 'euler_ancestral or dpmpp_2m (trailing spacing).')
-_RESCALE = flags.DEFINE_float('guidance_rescale', 0.0, 'Guidance rescale phi in [0, 1] '
-                              '(0.7 suits a zero-terminal-SNR schedule).')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 1, 'Images side by side in the output.')
-_STEP = flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: newest).')
 
 
 def main(argv):
@@ -37,15 +29,13 @@ def main(argv):
   from charred.evaluation import grid  # pylint: disable=g-import-not-at-top
   from charred.models import schedulers  # pylint: disable=g-import-not-at-top
   from charred.models.generation import ImageGenerator, PromptTooLongError  # pylint: disable=g-import-not-at-top
-  if not _WORKDIR.value or _PROMPT.value is None:
+  if not sf.WORKDIR.value or _PROMPT.value is None:
     gin_utils.exit_with_error('charred.sample', ValueError('--workdir and --prompt are required.'))
   try:
-    schedulers.lookup(_SCHEDULER.value)  # a bad name fails before the run loads
-    run = runs.load_run(_WORKDIR.value, _STEP.value)
-    generator = ImageGenerator(run.model, run.params, num_steps=_STEPS.value,
-                               guidance_scale=_GUIDANCE.value, scheduler=_SCHEDULER.value,
-                               guidance_rescale=_RESCALE.value)
-    images = generator([_PROMPT.value] * _NUM_IMAGES.value, seed=_SEED.value)
+    schedulers.lookup(sf.SCHEDULER.value)  # a bad name fails before the run loads
+    run = runs.load_run(sf.WORKDIR.value, sf.CHECKPOINT_STEP.value)
+    generator = ImageGenerator(run.model, run.params, **sf.generator_kwargs())
+    images = generator([_PROMPT.value] * _NUM_IMAGES.value, seed=sf.SEED.value)
   except (PromptTooLongError, FileNotFoundError, ValueError) as e:
     gin_utils.exit_with_error('charred.sample', e)
   picture = np.concatenate(list(images), axis=1)

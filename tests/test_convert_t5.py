@@ -1,6 +1,5 @@
 """T5 / ByT5 encoders from transformers and t5x, against transformers' own T5EncoderModel."""
 
-import json
 import os
 
 from flax import serialization

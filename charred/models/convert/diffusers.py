@@ -92,6 +92,15 @@ def _tuple(value):
   return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
+def _one_value(value, option: str, what: str, why: str):
+  """`value`, or the one value a tuple of equal values repeats; else a ValueError."""
+  if not isinstance(value, tuple):
+    return value
+  if len(set(value)) != 1:
+    raise ValueError(f'{what}: diffusers option {option}={list(value)} {why}.')
+  return value[0]
+
+
 def _check_options(raw: dict, known: set, fixed: dict, what: str) -> None:
   unknown = sorted(k for k in raw if not k.startswith('_') and k not in known)
   if unknown:
@@ -122,12 +131,8 @@ def unet_config_from_diffusers(raw: dict) -> UNetConfig:
   if r['time_embedding_dim'] not in (None, 4 * channels[0]):
     raise ValueError(f'{what}: diffusers option time_embedding_dim={r["time_embedding_dim"]} '
                      f'is not supported (charred uses 4 * block_out_channels[0]).')
-  cross = r['cross_attention_dim']
-  if isinstance(cross, tuple):
-    if len(set(cross)) != 1:
-      raise ValueError(f'{what}: diffusers option cross_attention_dim={list(cross)} (one per '
-                       'block) is not supported; charred takes one width.')
-    cross = cross[0]
+  cross = _one_value(r['cross_attention_dim'], 'cross_attention_dim', what,
+                     '(one per block) is not supported; charred takes one width')
   hid_type = r['encoder_hid_dim_type']
   if hid_type is None and r['encoder_hid_dim'] is not None:
     hid_type = 'text_proj'  # as diffusers defaults it
@@ -140,12 +145,7 @@ def unet_config_from_diffusers(raw: dict) -> UNetConfig:
   if isinstance(tlpb, tuple) and any(isinstance(t, (list, tuple)) for t in tlpb):
     raise ValueError(f'{what}: diffusers option transformer_layers_per_block={list(tlpb)} '
                      '(per layer) is not supported; give one depth per block.')
-  size = r['sample_size']
-  if isinstance(size, tuple):
-    if len(set(size)) != 1:
-      raise ValueError(f'{what}: diffusers option sample_size={list(size)} (not square) is '
-                       'not supported.')
-    size = size[0]
+  size = _one_value(r['sample_size'], 'sample_size', what, '(not square) is not supported')
   flax = what.startswith('Flax')
   return UNetConfig(
       sample_size=64 if size is None else int(size),

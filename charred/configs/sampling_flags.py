@@ -1,0 +1,22 @@
+"""The flags that `charred.sample` and `charred.evaluate` share: which run, and how to sample."""
+
+from __future__ import annotations
+
+from absl import flags
+
+WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.gin + checkpoints).')
+CHECKPOINT_STEP = flags.DEFINE_integer('checkpoint_step', None,
+                                       'Checkpoint step (default: newest).')
+SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+STEPS = flags.DEFINE_integer('steps', 50, 'Sampling steps.')
+GUIDANCE_SCALE = flags.DEFINE_float('guidance_scale', 3.0, 'Classifier-free guidance scale.')
+SCHEDULER = flags.DEFINE_string('scheduler', 'ddim', 'Sampler: ddim, ddpm, euler, '
+                                'euler_ancestral or dpmpp_2m (trailing spacing).')
+GUIDANCE_RESCALE = flags.DEFINE_float('guidance_rescale', 0.0, 'Guidance rescale phi in '
+                                      '[0, 1] (0.7 suits a zero-terminal-SNR schedule).')
+
+
+def generator_kwargs() -> dict:
+  """ImageGenerator's sampling arguments from the flags."""
+  return dict(num_steps=STEPS.value, guidance_scale=GUIDANCE_SCALE.value,
+              scheduler=SCHEDULER.value, guidance_rescale=GUIDANCE_RESCALE.value)
