@@ -16,7 +16,9 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from charred.datasets import html_layouts
 from charred.datasets import render as render_lib
+from charred.datasets import svg_scenes
 from charred.datasets import words as words_lib
 
 _DESCRIPTION = """\
@@ -47,6 +49,9 @@ class TypographyConfig(tfds.core.BuilderConfig):
       validation word once.
     phrase_probability: probability that an example shows two words of its
       split (a short phrase) rather than one.
+    scene: if set, examples are SVG scenes (resvg) or HTML/CSS layouts
+      (headless Chromium) about the example's word(s), with further strings
+      drawn from the same split; `render` is then unused.
   """
   render: render_lib.RenderConfig = render_lib.RenderConfig()
   words: words_lib.WordSplitConfig = words_lib.WordSplitConfig()
@@ -54,6 +59,7 @@ class TypographyConfig(tfds.core.BuilderConfig):
   num_train_examples: int = 60000
   num_validation_examples: int | None = None
   phrase_probability: float = 0.0
+  scene: svg_scenes.SceneConfig | html_layouts.LayoutConfig | None = None
 
 
 # Glyph placement is kept nearly fixed (one font size, 3-5 px left margin), so that the
@@ -82,6 +88,30 @@ BASE = TypographyConfig(
         x_offset=(4, 40), y_jitter=8),
     num_train_examples=500000,
     phrase_probability=0.25,
+)
+
+# Graphic scenes and page layouts. Their captions' template words are kept out of
+# validation, like "sign", "that" and "says" above.
+SVG_TINY = TypographyConfig(
+    name="svg_tiny",
+    description="128x128 SVG scenes (signs, badges, posters, arched and rotated text) "
+                "rasterised by resvg (20k train examples).",
+    scene=svg_scenes.SceneConfig(),
+    words=words_lib.WordSplitConfig(train_only=tuple(sorted(
+        set(words_lib.WordSplitConfig.train_only) | set(svg_scenes.CAPTION_WORDS)))),
+    num_train_examples=20000,
+    phrase_probability=0.2,
+)
+
+LAYOUT_TINY = TypographyConfig(
+    name="layout_tiny",
+    description="256x256 HTML/CSS layouts (web banner, menu card, two-column page, table) "
+                "screenshot by headless Chromium (10k train examples).",
+    scene=html_layouts.LayoutConfig(),
+    words=words_lib.WordSplitConfig(train_only=tuple(sorted(
+        set(words_lib.WordSplitConfig.train_only) | set(html_layouts.CAPTION_WORDS)))),
+    num_train_examples=10000,
+    phrase_probability=0.2,
 )
 
 
@@ -116,8 +146,15 @@ def generate_example(config: TypographyConfig, split: str, index: int,
                      split_words: list[str]) -> dict[str, object]:
   """The TFDS feature dict of example `index` of `split` (image as PNG bytes)."""
   words = example_words(config, split, index, split_words)
-  ex = render_lib.render_example(" ".join(words), config.seed,
-                                 _SPLIT_OFFSETS[split] + index, config.render)
+  if isinstance(config.scene, svg_scenes.SceneConfig):
+    ex = svg_scenes.render_example(" ".join(words), split_words, config.seed,
+                                   _SPLIT_OFFSETS[split] + index, config.scene)
+  elif isinstance(config.scene, html_layouts.LayoutConfig):
+    ex = html_layouts.render_example(" ".join(words), split_words, config.seed,
+                                     _SPLIT_OFFSETS[split] + index, config.scene)
+  else:
+    ex = render_lib.render_example(" ".join(words), config.seed,
+                                   _SPLIT_OFFSETS[split] + index, config.render)
   # Encoding with PIL is ~10x faster than TFDS's per-image TF graph run.
   buf = io.BytesIO()
   Image.fromarray(ex["image"]).save(buf, format="png")
@@ -130,7 +167,7 @@ class Typography(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-  BUILDER_CONFIGS = [TINY, MICRO, BASE]
+  BUILDER_CONFIGS = [TINY, MICRO, BASE, SVG_TINY, LAYOUT_TINY]
   DEFAULT_CONFIG_NAME = "tiny"
 
   # TFDS 4.9.10's default `code_path` touches the `importlib_resources`
@@ -143,7 +180,7 @@ class Typography(tfds.core.GeneratorBasedBuilder):
     return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    r = self.builder_config.render
+    r = self.builder_config.scene or self.builder_config.render  # Both have height, width.
     return self.dataset_info_from_configs(
         description=_DESCRIPTION,
         features=tfds.features.FeaturesDict({
