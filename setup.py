@@ -36,6 +36,13 @@ setuptools.setup(
         "tensorflow",
         "tensorflow-datasets",
         "seqio",
+        # Web sources, filters and storage (charred.datasets):
+        "pyarrow",  # img2dataset's parquet metadata
+        "array-record",  # shards written by `prepare`
+        "imagecodecs",  # JPEG XL (libjxl)
+        "langid==1.1.6",  # offline language ID; ships its model
+        "langcodes[data]",  # language names in WiT's "English: ..." caption prefixes
+        "resvg-py==0.5.0",  # SVG scenes, rasterised with the bundled fonts only
     ],
     extras_require={
         # PyTorch .bin checkpoints. A pinned CPU build: plain `torch` pulls GBs of CUDA.
