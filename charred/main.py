@@ -17,6 +17,7 @@ each host reads its rows of every batch. The mesh is `TrainConfig.partitioning`
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -74,6 +75,38 @@ def write_config(workdir: str) -> None:
   os.replace(path + '.tmp', path)
 
 
+def make_batches(data, model, train, shard_index: int, shard_count: int, make_iterator):
+  """(start_batch -> this process's training batches, the empty caption's cached hidden
+  states or None), from the typography task (`make_iterator`), JPEG XL shards in buckets,
+  or an encoder cache, as `data` says."""
+  rows = train.batch_size // shard_count
+  if data.encoder_cache:  # cached encoder outputs instead of raw training data
+    from charred.datasets import encoder_cache  # pylint: disable=g-import-not-at-top
+    from charred.models.image_codec import make_codec  # pylint: disable=g-import-not-at-top
+    cache = encoder_cache.EncoderCache(data.encoder_cache)
+    codec = make_codec(model.pixel_space, model.autoencoder_path)
+    cache.check_model(model, train, encoder_cache.initial_text_encoder_params(
+        model, train.seed, codec), codec)
+    return (lambda start_batch: cache.batches(rows, start_batch, seed=data.seed,
+                                              shard_index=shard_index,
+                                              shard_count=shard_count)), cache.empty_context
+  if data.shards:
+    from charred.datasets import bucketing  # pylint: disable=g-import-not-at-top
+    longest = max(data.buckets.text_lengths)
+    if longest > model.text_length:
+      raise ValueError(f'DataConfig.buckets.text_lengths go up to {longest} tokens, more '
+                       f'than the model\'s text_length {model.text_length}.')
+
+    def bucketed(start_batch: int):
+      del start_batch  # the trainer restores the iterator's own state (partial buckets)
+      return bucketing.BucketedBatches(data.shards, rows, data.buckets, seed=data.seed,
+                                       process_index=shard_index, process_count=shard_count)
+    return bucketed, None
+  return (lambda start_batch: make_iterator(
+      rows, model.text_length, seed=data.seed, start_batch=start_batch,
+      data_dir=data.data_dir, shard_index=shard_index, shard_count=shard_count)), None
+
+
 def run(workdir: str, experiment: Experiment) -> bool:
   """Trains; True when the run reached train_steps, False when a SIGTERM stopped it."""
   # The data layer (TensorFlow) is imported here, not by the trainer.
@@ -96,11 +129,9 @@ def run(workdir: str, experiment: Experiment) -> bool:
   shard_index, shard_count = partitioning.process_batch_shard(partitioning.batch_sharding(
       partitioning.make_mesh(train.partitioning), train.partitioning.rules))
 
-  def batches(start_batch: int):
-    return pipeline.make_iterator(task, 'train', train.batch_size // shard_count,
-                                  model.text_length, seed=data.seed, start_batch=start_batch,
-                                  data_dir=data.data_dir, shard_index=shard_index,
-                                  shard_count=shard_count)
+  batches, empty_context = make_batches(data, model, train, shard_index, shard_count,
+                                        make_iterator=functools.partial(
+                                            pipeline.make_iterator, task, 'train'))
 
   from charred.models.text_to_image import TextToImage  # pylint: disable=g-import-not-at-top
 
@@ -119,7 +150,8 @@ def run(workdir: str, experiment: Experiment) -> bool:
 
   state = trainer.train(workdir, model, train, batches, evaluators=[
       evaluators.PeriodicEvaluator('validation', experiment.validation.every, validation_loss),
-      evaluators.PeriodicEvaluator('text_rendering', train.eval_every, text_rendering)])
+      evaluators.PeriodicEvaluator('text_rendering', train.eval_every, text_rendering)],
+                        empty_context=empty_context)
   return int(state.step) >= train.train_steps
 
 

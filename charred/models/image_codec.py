@@ -38,8 +38,15 @@ class LatentCodec:
 
   def encode(self, images, rng=None):
     """Scaled latents [B, H/f, W/f, Z]: a posterior sample if `rng`, else the mean."""
-    mean, logvar = self.module.apply({'params': self.params}, images,
-                                     method=AutoencoderKL.encode)
+    return self.sample(*self.encode_distribution(images), rng)
+
+  def encode_distribution(self, images):
+    """The unscaled diagonal Gaussian posterior: (mean, logvar), each [B, H/f, W/f, Z]."""
+    return self.module.apply({'params': self.params}, images, method=AutoencoderKL.encode)
+
+  def sample(self, mean, logvar, rng=None):
+    """Scaled latents from a posterior (`encode_distribution`'s, or an encoder cache's):
+    `encode(images, rng)` equals `sample(*encode_distribution(images), rng)`."""
     if rng is not None:
       mean = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
     return jax.lax.stop_gradient(mean * self.config.scaling_factor)

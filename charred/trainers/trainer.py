@@ -20,6 +20,7 @@ import optax
 
 from charred import tokenizer
 from charred.models import diffusion
+from charred.models import preprocess as preprocess_lib
 from charred.models.image_codec import make_codec
 from charred.models.text_to_image import (TextToImage, TextToImageConfig, init_params,
                                            load_checkpoints)
@@ -30,8 +31,14 @@ from charred.trainers.train_state import TrainState, ema_update
 
 Batch = dict[str, np.ndarray]
 # start_batch -> iterator of batches with `image` [B,H,W,3] in [-1, 1], `text_tokens` [B,L]
-# and `text_mask` [B,L]; the stream from k equals the stream from 0 minus k batches.
+# and `text_mask` [B,L]; the stream from k equals the stream from 0 minus k batches. An
+# iterator that also has get_state() -> JSON-able dict and set_state(dict) (bucketing) is
+# restored from its saved state instead.
 BatchesFn = Callable[[int], Iterator[Batch]]
+# What a batch may hold: `image` may be uint8 (TrainConfig.device_preprocess), or an
+# encoder cache gives `latent_mean`, `latent_logvar` and `text_context` (see train_step).
+BATCH_KEYS = ('image', 'latent_mean', 'latent_logvar', 'text_tokens', 'text_mask',
+              'text_context')
 
 
 NAN_POLICIES = ('skip', 'stop', 'none')
@@ -75,6 +82,9 @@ class TrainConfig:
   # With train_text_encoder=False: run the frozen encoder on the host CPU, outside the
   # train step, and feed its hidden states to the step (see HostTextEncoder).
   text_encoder_on_host: bool = False
+  # Resize, crop, flip and normalise uint8 images of one raw size inside the step, on
+  # the accelerator (the host ships 4x fewer bytes); None: `image` arrives ready.
+  device_preprocess: preprocess_lib.PreprocessConfig | None = None
   # Device mesh ('data', 'fsdp', 'tensor') and logical axis rules; `batch_size` is global
   # (summed over processes and devices) and must divide over 'data' x 'fsdp'.
   partitioning: partitioning.PartitioningConfig = partitioning.PartitioningConfig()
@@ -108,7 +118,7 @@ class TrainConfig:
 
 # Every random draw for example n of optimizer update u depends on (rng, u, n) only, so
 # k micro-batches of b examples see exactly what one batch of k*b examples sees.
-_DROP, _TIMESTEP, _NOISE, _ENCODE = range(4)
+_DROP, _TIMESTEP, _NOISE, _ENCODE, _AUGMENT = range(5)
 
 
 def update_rng(rng, step, accumulation_steps: int, batch_size: int):
@@ -125,13 +135,19 @@ def example_keys(rng, first_example, batch_size: int, stream: int):
   return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, i), stream))(index)
 
 
+def caption_drop_mask(config: TrainConfig, rng, first_example, batch_size: int):
+  """bool [B]: the examples whose caption is replaced by the empty caption."""
+  keys = example_keys(rng, first_example, batch_size, _DROP)
+  return jax.vmap(lambda k: jax.random.bernoulli(k, config.caption_dropout))(keys)
+
+
 def drop_captions(model_config: TextToImageConfig, config: TrainConfig, tokens, mask, rng,
                   first_example=0):
   """Captions replaced by the empty caption with probability `caption_dropout`."""
-  keys = example_keys(rng, first_example, tokens.shape[0], _DROP)
-  drop = jax.vmap(lambda k: jax.random.bernoulli(k, config.caption_dropout))(keys)[:, None]
+  drop = caption_drop_mask(config, rng, first_example, tokens.shape[0])[:, None]
+  # As long as this batch's tokens: caption-length buckets may be shorter than text_length.
   empty_tokens, empty_mask = (jnp.asarray(a) for a in tokenizer.encode_batch(
-      [''], model_config.text_length))
+      [''], tokens.shape[1]))
   return jnp.where(drop, empty_tokens, tokens), jnp.where(drop, empty_mask, mask)
 
 
@@ -167,18 +183,38 @@ def compute_loss(params, model: TextToImage, config: TrainConfig, batch, rng, fi
   return jnp.mean(loss)
 
 
-def train_step(state: TrainState, batch, rng, *, model, config: TrainConfig, tx, codec):
+def train_step(state: TrainState, batch, rng, *, model, config: TrainConfig, tx, codec,
+               empty_context=None):
   """One train step on one (micro-)batch; an optimizer update every
-  `config.accumulation_steps` steps. `batch` may carry `text_context`, the frozen text
-  encoder's hidden states computed outside (HostTextEncoder)."""
+  `config.accumulation_steps` steps.
+
+  `batch` holds `image` (float in [-1, 1]; uint8 of one raw size with
+  `config.device_preprocess`) or, from an encoder cache, the VAE's posterior
+  `latent_mean` and `latent_logvar`, sampled here with the keys `codec.encode` would use.
+  It may carry `text_context`, the frozen text encoder's hidden states computed outside:
+  after caption dropout (HostTextEncoder), or before it when `empty_context` (the empty
+  caption's hidden states [L, D], from the same cache) is given to select per example.
+  """
   batch = dict(batch)
-  b = batch['image'].shape[0]
+  b = batch['text_tokens'].shape[0]
   rng, first = update_rng(rng, state.step, config.accumulation_steps, b)
   # The frozen codec (identity, or a VAE) runs outside the differentiated function, and
   # draws each example's posterior sample from that example's key.
-  batch['image'] = jax.vmap(lambda x, k: codec.encode(x[None], k)[0])(
-      batch['image'], example_keys(rng, first, b, _ENCODE))
+  encode_keys = example_keys(rng, first, b, _ENCODE)
+  if 'latent_mean' in batch:
+    batch['image'] = jax.vmap(lambda m, v, k: codec.sample(m[None], v[None], k)[0])(
+        batch.pop('latent_mean'), batch.pop('latent_logvar'), encode_keys)
+  else:
+    if config.device_preprocess is not None:
+      batch['image'] = preprocess_lib.preprocess(
+          batch['image'], example_keys(rng, first, b, _AUGMENT), config.device_preprocess,
+          model.config.image_size)
+    batch['image'] = jax.vmap(lambda x, k: codec.encode(x[None], k)[0])(
+        batch['image'], encode_keys)
   context = batch.pop('text_context', None)
+  if context is not None and empty_context is not None:
+    drop = caption_drop_mask(config, rng, first, b)[:, None, None]
+    context = jnp.where(drop, jnp.asarray(empty_context, context.dtype), context)
   if context is None and not config.train_text_encoder:
     # A frozen encoder runs outside too: neither differentiated nor recomputed there.
     tokens, mask = drop_captions(model.config, config, batch['text_tokens'],
@@ -331,24 +367,27 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def jit_train_step(model: TextToImage, config: TrainConfig, tx, codec, state: TrainState,
-                   batch_sharding):
+                   batch_sharding, empty_context=None):
   """`train_step` jitted for `state`'s shardings and batches sharded as `batch_sharding`
   (the random key replicated); the old state's buffers are donated to the new one.
   Called as step_fn(state, batch, rng) -> (state, metrics)."""
   shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   replicated = partitioning.replicated(batch_sharding.mesh)
-  return jax.jit(functools.partial(train_step, model=model, config=config, tx=tx, codec=codec),
+  return jax.jit(functools.partial(train_step, model=model, config=config, tx=tx, codec=codec,
+                                   empty_context=empty_context),
                  in_shardings=(shardings, batch_sharding, replicated),
                  out_shardings=(shardings, replicated), donate_argnums=0)
 
 
 def train(workdir: str, model_config: TextToImageConfig, config: TrainConfig,
           batches: BatchesFn, evaluators: Sequence[Any] = (),
-          log: Callable[[str], None] = print) -> TrainState:
+          log: Callable[[str], None] = print, empty_context=None) -> TrainState:
   """Trains to `config.train_steps`, resuming from `workdir/checkpoints` if present.
 
   `evaluators`: `evaluators.PeriodicEvaluator`s (or anything with a `name` and that call
   signature), called after every step with the EMA params.
+  `empty_context`: with batches from an encoder cache, its empty caption's hidden states
+  (see train_step).
   """
   model = TextToImage(model_config)
   codec = make_codec(model_config.pixel_space, model_config.autoencoder_path)
@@ -393,7 +432,7 @@ def train(workdir: str, model_config: TextToImageConfig, config: TrainConfig,
     log(f'{num_params:,} parameters; training to step {config.train_steps} with batch '
         f'{config.batch_size}.')
 
-    step_fn = jit_train_step(model, config, tx, codec, state, batch_sharding)
+    step_fn = jit_train_step(model, config, tx, codec, state, batch_sharding, empty_context)
     # Host numpy: every process passes the same key, replicated by the jit.
     rng = np.asarray(jax.random.PRNGKey(config.seed + 1))
     host_encoder = (HostTextEncoder(model, state.params, config,
@@ -401,14 +440,19 @@ def train(workdir: str, model_config: TextToImageConfig, config: TrainConfig,
                     if config.text_encoder_on_host else None)
     first_step = int(state.step)
     data = batches(data_state['position'])
+    # An iterator with state beyond its position (e.g. bucketing's partial buckets) is
+    # checkpointed and restored through get_state / set_state.
+    stateful = hasattr(data, 'get_state') and hasattr(data, 'set_state')
+    if stateful and 'iterator' in data_state:
+      data.set_state(data_state['iterator'])
     pending = []
     for step in preemption.steps(range(first_step + 1, config.train_steps + 1)):
       batch = next(data)
-      batch = {k: batch[k] for k in ('image', 'text_tokens', 'text_mask')}
+      batch = {k: batch[k] for k in BATCH_KEYS if k in batch}
       if host_encoder:
         batch = host_encoder(batch, step - 1, rng)
-      if len(batch['image']) * num_feeds != config.batch_size:
-        raise ValueError(f'The data gave {len(batch["image"])} rows; batch_size '
+      if len(batch['text_tokens']) * num_feeds != config.batch_size:
+        raise ValueError(f'The data gave {len(batch["text_tokens"])} rows; batch_size '
                          f'{config.batch_size} from {num_feeds} process(es) needs '
                          f'{config.batch_size // num_feeds} per process.')
       # This process's rows -> one global array per key, sharded over 'data' x 'fsdp'.
@@ -427,6 +471,8 @@ def train(workdir: str, model_config: TextToImageConfig, config: TrainConfig,
         log(monitor.report(step, means, {'train/learning_rate': learning_rate(config, step)}))
       stop = preemption.reached(step)  # SIGTERM: checkpoint this step, then stop
       if step % config.checkpoint_every == 0 or last or stop:
+        if stateful:
+          data_state = dict(data_state, iterator=data.get_state())
         ckpt.save(state, data_state, step=step)  # asynchronous
       if stop:
         ckpt.wait()
