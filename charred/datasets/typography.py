@@ -1,9 +1,11 @@
-"""`typography` TFDS builder: synthetic signs with words and short phrases.
+"""`typography` TFDS builder: synthetic signs, SVG scenes and HTML/CSS layouts.
 
 Nothing is downloaded: example i of a split is rendered from
 (config.seed, split offset + i) with matplotlib's DejaVu fonts, so a dataset is
 a pure function of its BuilderConfig. Train and validation draw from disjoint
 word lists (see `words.py`), so validation measures spelling of unseen words.
+Configs with a `scene` render SVG scenes (`svg_scenes`, resvg) or HTML/CSS layouts
+(`html_layouts`, headless Chromium) instead of plain signs.
 """
 from __future__ import annotations
 
