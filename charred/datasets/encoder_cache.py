@@ -118,40 +118,13 @@ def initial_text_encoder_params(model_config: TextToImageConfig, seed: int, code
 # Writing.
 
 
-def _text(value, reason: str) -> str:
-  if isinstance(value, np.ndarray):
-    value = value.item()
-  if isinstance(value, bytes):
-    try:
-      return value.decode('utf-8')
-    except UnicodeDecodeError as e:
-      raise SkipExample(reason, str(e)) from None
-  return str(value)
-
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 22), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
-def _write_json_atomically(path: str, value: Any) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _prepare_example(example: dict[str, Any], index: int, text_length: int,
                      image_size: tuple[int, int]) -> dict[str, Any]:
   """Checks one input example; raises SkipExample (bad data) or ValueError (data that
   does not fit the model: every example would fail)."""
-  key = _text(example['key'], jxl_shards.MISSING_KEY) if 'key' in example else f'#{index}'
-  caption = _text(example.get('caption', ''), jxl_shards.INVALID_CAPTION)
+  key = (jxl_shards.decode_text(example['key'], jxl_shards.MISSING_KEY) if 'key' in example
+         else f'#{index}')
+  caption = jxl_shards.decode_text(example.get('caption', ''), jxl_shards.INVALID_CAPTION)
   image = np.asarray(example['image'])
   if image.size == 0:
     raise SkipExample(jxl_shards.EMPTY_IMAGE)
@@ -239,7 +212,7 @@ def write_cache(examples: Iterable[dict[str, Any]], out_dir: str,
     writer.close()
     path = os.path.join(out_dir, shards[-1]['path'])
     shards[-1].update(num_records=in_shard, num_bytes=os.path.getsize(path),
-                      sha256=_sha256(path))
+                      sha256=jxl_shards.sha256_file(path))
     if log:
       log(f"  {shards[-1]['path']}: {in_shard} records, {shards[-1]['num_bytes']:,} bytes")
 
@@ -298,7 +271,7 @@ def write_cache(examples: Iterable[dict[str, Any]], out_dir: str,
       total_bytes=sum(s['num_bytes'] for s in shards),
       created=datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
   )
-  _write_json_atomically(os.path.join(out_dir, MANIFEST), manifest)
+  jxl_shards.write_json_atomically(os.path.join(out_dir, MANIFEST), manifest)
   return manifest
 
 

@@ -165,7 +165,8 @@ def to_rgb_array(image: bytes | np.ndarray, max_pixels: int | None = None) -> np
   return np.asarray(img)
 
 
-def _text(value: Any, reason: str) -> str:
+def decode_text(value: Any, reason: str) -> str:
+  """`value` (bytes, str or a 0-d array) as text; SkipExample(reason) if missing or not UTF-8."""
   if value is None:
     raise SkipExample(reason, "missing")
   if isinstance(value, np.ndarray):
@@ -185,17 +186,17 @@ def make_record(example: dict[str, Any], settings: JxlSettings,
   `example` holds `image` (encoded bytes or a uint8 array), `caption`, `key`, and
   optionally `language`, `source` and the floats of EXTRA_FLOAT_KEYS (bytes or str).
   """
-  caption = _text(example.get("caption"), INVALID_CAPTION)
-  key = _text(example.get("key"), MISSING_KEY)
+  caption = decode_text(example.get("caption"), INVALID_CAPTION)
+  key = decode_text(example.get("key"), MISSING_KEY)
   if not key:
     raise SkipExample(MISSING_KEY)
-  language = _text(example.get("language", ""), INVALID_CAPTION)
+  language = decode_text(example.get("language", ""), INVALID_CAPTION)
   rgb = to_rgb_array(example.get("image"), max_pixels)
   record = dict(key=key, caption=caption, language=language,
                 width=int(rgb.shape[1]), height=int(rgb.shape[0]),
                 image=settings.encode(rgb))
   if "source" in example:
-    record["source"] = _text(example["source"], INVALID_CAPTION)
+    record["source"] = decode_text(example["source"], INVALID_CAPTION)
   for name in EXTRA_FLOAT_KEYS:
     if name in example:
       record[name] = float(example[name])
@@ -238,7 +239,8 @@ def _open_writer(path: str, record_format: str):
   return _TFRecordWriter(path)
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+  """The hex sha256 of a file, read in 4 MiB blocks."""
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
@@ -278,7 +280,8 @@ def prepare_output_dir(out_dir: str, overwrite: bool) -> None:
   os.makedirs(out_dir, exist_ok=True)
 
 
-def _write_json_atomically(path: str, value: Any) -> None:
+def write_json_atomically(path: str, value: Any) -> None:
+  """Writes `value` under a temporary name, syncs, then renames: readers see all or nothing."""
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(value, f, indent=1)
@@ -323,7 +326,7 @@ def write_shards(examples: Iterable[dict[str, Any]], out_dir: str, *,
     index_path = os.path.join(out_dir, shards[-1]["index"])
     np.save(index_path, np.array(index, dtype=INDEX_DTYPE))
     shards[-1].update(num_records=len(index), num_bytes=os.path.getsize(path),
-                      sha256=_sha256(path), index_sha256=_sha256(index_path))
+                      sha256=sha256_file(path), index_sha256=sha256_file(index_path))
     if log:
       log(f"  {shards[-1]['path']}: {len(index)} records, {shards[-1]['num_bytes']:,} bytes")
 
@@ -360,7 +363,7 @@ def write_shards(examples: Iterable[dict[str, Any]], out_dir: str, *,
       image_bytes=image_bytes,
       created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   )
-  _write_json_atomically(os.path.join(out_dir, MANIFEST), manifest)
+  write_json_atomically(os.path.join(out_dir, MANIFEST), manifest)
   return manifest
 
 
@@ -445,7 +448,7 @@ class JxlShards:
         raise ValueError(f"{path}: {os.path.getsize(path)} bytes, the manifest says "
                          f"{shard['num_bytes']}.")
       for name, digest in ((shard["path"], "sha256"), (shard["index"], "index_sha256")):
-        if verify and _sha256(os.path.join(out_dir, name)) != shard[digest]:
+        if verify and sha256_file(os.path.join(out_dir, name)) != shard[digest]:
           raise ValueError(f"{os.path.join(out_dir, name)}: sha256 differs from the "
                            "manifest (corrupt file).")
     indices = [np.load(os.path.join(out_dir, s["index"])) for s in shards]
