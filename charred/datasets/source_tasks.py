@@ -7,7 +7,6 @@ Padding to the model's text length is left to the input pipeline.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import seqio
@@ -49,17 +48,10 @@ def register_source_task(name: str, tfds_name: str, data_dir: str | None = None,
   decoders = None if decode_image else {"image": tfds.decode.SkipDecoding()}
   source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=data_dir,
                                 decoders=decoders)
-  key_map = {tasks.TOKENS_KEY: "caption", **{k: k for k in PASSTHROUGH_KEYS}}
   seqio.TaskRegistry.add(
       name,
       source=source,
-      preprocessors=[
-          *source_preprocessors,
-          functools.partial(seqio.preprocessors.rekey, key_map=key_map),
-          # The caption is kept as-is, so no '<key>_pretokenized' copy.
-          functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-          seqio.preprocessors.append_eos_after_trim,
-      ],
+      preprocessors=[*source_preprocessors, *tasks.caption_preprocessors(PASSTHROUGH_KEYS)],
       output_features=tasks.OUTPUT_FEATURES,
   )
   _REGISTERED[name] = args

@@ -43,16 +43,22 @@ def register_typography_task(name: str = "typography_tiny", builder_config: str 
           f"{existing.tfds_dataset.name} in {existing.tfds_dataset.data_dir}, "
           f"not {source.tfds_dataset.name} in {source.tfds_dataset.data_dir}.")
     return name
-  key_map = {TOKENS_KEY: "caption", **{k: k for k in PASSTHROUGH_KEYS}}
   seqio.TaskRegistry.add(
       name,
       source=source,
-      preprocessors=[
-          functools.partial(seqio.preprocessors.rekey, key_map=key_map),
-          # The caption is kept as-is, so no '<key>_pretokenized' copy.
-          functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-          seqio.preprocessors.append_eos_after_trim,
-      ],
+      preprocessors=caption_preprocessors(PASSTHROUGH_KEYS),
       output_features=OUTPUT_FEATURES,
   )
   return name
+
+
+def caption_preprocessors(passthrough_keys) -> list:
+  """The caption tokenized into `text_tokens` (EOS after trimming), next to
+  `passthrough_keys` kept untouched."""
+  key_map = {TOKENS_KEY: "caption", **{k: k for k in passthrough_keys}}
+  return [
+      functools.partial(seqio.preprocessors.rekey, key_map=key_map),
+      # The caption is kept as-is, so no '<key>_pretokenized' copy.
+      functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+      seqio.preprocessors.append_eos_after_trim,
+  ]
