@@ -32,9 +32,7 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +42,8 @@ from charred.models.t5_encoder import T5EncoderConfig
 from charred.models.text_to_image import TextToImage, TextToImageConfig
 from charred.models.unet import UNetConfig
 from charred.trainers import monitoring, optimizer, partitioning, trainer
+from unet_step import median_seconds  # benchmarks/: the same timing, the same small U-Net
+import unet_step
 
 
 class CachedLatents:
@@ -57,17 +57,10 @@ class CachedLatents:
     return latents
 
 
-SMALL_UNET = UNetConfig(
-    sample_size=32, block_out_channels=(64, 128, 256),
-    down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'),
-    up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'),
-    attention_head_dim=(2, 4, 8), cross_attention_dim=256, layers_per_block=2,
-    attention_query_chunk=256)
-
 CONFIGS = {
     # benchmarks/unet_step.py's 18 M-parameter SD-shaped U-Net at 256 px (32x32 latents),
     # context of 64 positions from a small ByT5-shaped encoder of width 256.
-    'small': dict(unet=SMALL_UNET, text_encoder=T5EncoderConfig(
+    'small': dict(unet=unet_step.CONFIGS['small']['unet'], text_encoder=T5EncoderConfig(
         d_model=256, num_heads=4, head_dim=64, num_layers=2, d_ff=512), text_length=64,
                   image_size=(256, 256), batch=4),
     # Stable Diffusion 2.1's U-Net at 512 px (64x64 latents) conditioned on ByT5-Base's
@@ -79,22 +72,11 @@ CONFIGS = {
 }
 
 
-def _median_seconds(fn, iters: int, warmup: int) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def measured_matmul_flops(dtype=jnp.float32, n: int = 4096) -> float:
   """The best FLOP/s of an n x n matmul on the default device (a CPU's practical peak)."""
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda a: a @ a)
-  seconds = min(_median_seconds(lambda: f(a).block_until_ready(), 3, 1) for _ in range(2))
+  seconds = min(median_seconds(lambda: f(a).block_until_ready(), 3, 1) for _ in range(2))
   return 2 * n**3 / seconds
 
 
@@ -154,7 +136,7 @@ def bench_charred(model_config, train_config, codec, batch, iters, warmup):
     box['state'], metrics = step_fn(box['state'], batch, rng)
     metrics['loss'].block_until_ready()
 
-  seconds = _median_seconds(step, iters, warmup)
+  seconds = median_seconds(step, iters, warmup)
   unet_params = sum(x.size for x in jax.tree_util.tree_leaves(box['state'].params['unet']))
   return seconds, flops, box['state'].params['unet'], unet_params
 
@@ -197,7 +179,7 @@ def bench_diffusers(folder: str, model_config, codec, batch, dtype: str, iters: 
     ema.step(unet.parameters())
     sync()
 
-  return _median_seconds(step, iters, warmup)
+  return median_seconds(step, iters, warmup)
 
 
 def main():

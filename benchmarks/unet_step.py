@@ -52,7 +52,8 @@ CONFIGS = {
 }
 
 
-def _median_seconds(fn, iters: int, warmup: int) -> float:
+def median_seconds(fn, iters: int, warmup: int) -> float:
+  """The median wall time of `iters` calls of `fn` after `warmup` untimed ones."""
   for _ in range(warmup):
     fn()
   times = []
@@ -92,8 +93,8 @@ def bench_charred(config: UNetConfig, params, batch: int, text_length: int, dtyp
     state['p'], state['o'], loss = train_step(state['p'], state['o'], x, t, ctx, target)
     loss.block_until_ready()
 
-  fwd = _median_seconds(lambda: forward(params, x, t, ctx).block_until_ready(), iters, warmup)
-  train = _median_seconds(step, iters, warmup)
+  fwd = median_seconds(lambda: forward(params, x, t, ctx).block_until_ready(), iters, warmup)
+  train = median_seconds(step, iters, warmup)
 
   noise = x[:1]
   alphas = diffusion.NoiseSchedule().alphas_cumprod()
@@ -102,7 +103,7 @@ def bench_charred(config: UNetConfig, params, batch: int, text_length: int, dtyp
   sample = jax.jit(lambda n, c, u: sampling.ddim_sample(
       denoise, n, c, mask, u, mask, alphas_cumprod=alphas, prediction_type='epsilon',
       num_steps=sampling_steps, guidance_scale=7.5, spacing='leading', clip_sample=None))
-  latency = _median_seconds(lambda: sample(noise, ctx[:1], ctx[1:2]).block_until_ready(),
+  latency = median_seconds(lambda: sample(noise, ctx[:1], ctx[1:2]).block_until_ready(),
                             max(1, iters // 4), 1)
   return fwd, train, latency
 
@@ -140,8 +141,8 @@ def bench_diffusers(folder: str, config: UNetConfig, batch: int, text_length: in
     opt.step()
     sync()
 
-  fwd = _median_seconds(forward, iters, warmup)
-  train = _median_seconds(step, iters, warmup)
+  fwd = median_seconds(forward, iters, warmup)
+  train = median_seconds(step, iters, warmup)
 
   scheduler = DDIMScheduler(beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012,
                             clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -157,7 +158,7 @@ def bench_diffusers(folder: str, config: UNetConfig, batch: int, text_length: in
         latents = scheduler.step(uncond + 7.5 * (cond - uncond), step_t, latents).prev_sample
     sync()
 
-  latency = _median_seconds(sample, max(1, iters // 4), 1)
+  latency = median_seconds(sample, max(1, iters // 4), 1)
   return fwd, train, latency
 
 
