@@ -315,13 +315,7 @@ class EncoderCache:
     self._width = self.manifest['text_width']
     self._latent_shape = self.manifest['latent_shape']
     shards = self.manifest['shards']
-    for shard in shards:
-      shard_path = os.path.join(cache_dir, shard['path'])
-      if not os.path.exists(shard_path):
-        raise FileNotFoundError(f'{shard_path} is listed in the manifest but missing.')
-      if os.path.getsize(shard_path) != shard['num_bytes']:
-        raise ValueError(f'{shard_path}: {os.path.getsize(shard_path)} bytes, the manifest '
-                         f'says {shard["num_bytes"]}.')
+    jxl_shards.check_shard_sizes(cache_dir, shards)
     from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
     self._source = array_record_data_source.ArrayRecordDataSource(
         [os.path.join(cache_dir, s['path']) for s in shards]) if shards else None

@@ -428,6 +428,18 @@ class _TFRecordFile:
     self._file.close()
 
 
+def check_shard_sizes(out_dir: str, shards: Sequence[dict[str, Any]]) -> None:
+  """Every shard a manifest lists (`path`, `num_bytes`) exists with its size: a missing or
+  truncated file is a one-line error, not a short read later."""
+  for shard in shards:
+    path = os.path.join(out_dir, shard["path"])
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} is listed in the manifest but missing.")
+    if os.path.getsize(path) != shard["num_bytes"]:
+      raise ValueError(f"{path}: {os.path.getsize(path)} bytes, the manifest says "
+                       f"{shard['num_bytes']}.")
+
+
 class JxlShards:
   """Random access to the records of a `write_shards` output, by global record number.
 
@@ -440,13 +452,8 @@ class JxlShards:
     self.out_dir = out_dir
     self.manifest = read_manifest(out_dir)
     shards = self.manifest["shards"]
+    check_shard_sizes(out_dir, shards)
     for shard in shards:
-      path = os.path.join(out_dir, shard["path"])
-      if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is listed in the manifest but missing.")
-      if os.path.getsize(path) != shard["num_bytes"]:
-        raise ValueError(f"{path}: {os.path.getsize(path)} bytes, the manifest says "
-                         f"{shard['num_bytes']}.")
       for name, digest in ((shard["path"], "sha256"), (shard["index"], "index_sha256")):
         if verify and sha256_file(os.path.join(out_dir, name)) != shard[digest]:
           raise ValueError(f"{os.path.join(out_dir, name)}: sha256 differs from the "
