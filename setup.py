@@ -6,6 +6,7 @@ setuptools.setup(
     version="0.1.0",
     description="Character-aware text-to-image diffusion (ByT5-conditioned U-Nets) in JAX.",
     packages=setuptools.find_packages(include=["charred", "charred.*"]),
+    package_data={"charred": ["data/*.model"]},  # charred.subword's SentencePiece model
     python_requires=">=3.11",
     install_requires=[
         "absl-py",
@@ -25,6 +26,7 @@ setuptools.setup(
         "pillow",
         "matplotlib",  # ships the DejaVu fonts the typography data is rendered with
         "wordfreq",
+        "sentencepiece",  # charred.subword: the character-blind subword tokenizer
         "rapidfuzz",
         "rapidocr-onnxruntime==1.4.4",
         # Checkpoint formats (charred.models.convert):

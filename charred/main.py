@@ -104,13 +104,12 @@ def make_batches(data, model, train, shard_index: int, shard_count: int, make_it
     return bucketed, None
   return (lambda start_batch: make_iterator(
       rows, model.text_length, seed=data.seed, start_batch=start_batch,
-      data_dir=data.data_dir, shard_index=shard_index, shard_count=shard_count)), None
+      shard_index=shard_index, shard_count=shard_count)), None
 
 
 def run(workdir: str, experiment: Experiment) -> bool:
   """Trains; True when the run reached train_steps, False when a SIGTERM stopped it."""
-  # The data layer (TensorFlow) is imported here, not by the trainer.
-  from charred.datasets import pipeline  # pylint: disable=g-import-not-at-top
+  from charred.configs import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from charred.trainers import distributed, evaluators  # pylint: disable=g-import-not-at-top
   from charred.trainers import partitioning, trainer  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -119,32 +118,36 @@ def run(workdir: str, experiment: Experiment) -> bool:
   collectives = train.partitioning.collectives
   distributed.check_collectives(collectives)
   # Process 0 generates the data first; the others then find it prepared (a shared
-  # data_dir) or generate their own copy.
+  # data_dir) or generate their own copy. (The rendered source needs nothing prepared.)
   if jax.process_index() == 0:
-    pipeline.prepare(data.builder_config, data.data_dir)
+    experiment_lib.prepare(data)
   distributed.barrier('charred.main:prepare', collectives)
-  pipeline.prepare(data.builder_config, data.data_dir)
-  task = pipeline.register_task(data.builder_config, data.data_dir)
+  experiment_lib.prepare(data)
   # This process's rows of every global batch (see partitioning.process_batch_shard).
   shard_index, shard_count = partitioning.process_batch_shard(partitioning.batch_sharding(
       partitioning.make_mesh(train.partitioning), train.partitioning.rules))
+  text_tokenizer = model.text_tokenizer()
+
+  def make_iterator(batch_size, text_length, **kwargs):
+    return experiment_lib.typography_batches(data, 'train', batch_size, text_length,
+                                             tokenizer=text_tokenizer, **kwargs)
 
   batches, empty_context = make_batches(data, model, train, shard_index, shard_count,
-                                        make_iterator=functools.partial(
-                                            pipeline.make_iterator, task, 'train'))
+                                        make_iterator=make_iterator)
 
   from charred.models.text_to_image import TextToImage  # pylint: disable=g-import-not-at-top
 
   # Built on first use: an evaluator that never runs reads no data and compiles nothing.
   def validation_loss():
-    held_out = pipeline.make_iterator(task, 'validation', train.batch_size, model.text_length,
-                                      shuffle=False, repeat=False, data_dir=data.data_dir)
+    held_out = experiment_lib.typography_batches(
+        data, 'validation', train.batch_size, model.text_length, tokenizer=text_tokenizer,
+        shuffle=False, repeat=False)
     return evaluators.ValidationLossEvaluator(TextToImage(model), train, held_out,
                                               experiment.validation)
 
   def text_rendering():
-    targets = [evaluators.RenderingTarget(**t) for t in pipeline.rendering_targets(
-        data.builder_config, 'validation', data.data_dir)]
+    targets = [evaluators.RenderingTarget(**t)
+               for t in experiment_lib.rendering_targets(data, 'validation')]
     return evaluators.TextRenderingEvaluator(TextToImage(model), targets, workdir,
                                              experiment.sample_eval)
 

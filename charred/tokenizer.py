@@ -47,6 +47,12 @@ def encode_batch(texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.
   return ids, (ids != PAD_ID).astype(np.int32)
 
 
+def token_of_char(text: str) -> np.ndarray:
+  """int32 [len(text)]: the token holding each character's first byte (its index in the
+  UTF-8 encoding), e.g. to find a rendered glyph's token."""
+  return np.cumsum([0] + [len(ch.encode("utf-8")) for ch in text[:-1]]).astype(np.int32)
+
+
 def decode(ids: Iterable[int] | np.ndarray) -> str:
   """Decodes ids up to the first EOS; PAD/UNK are skipped, invalid UTF-8 is replaced."""
   out = bytearray()

@@ -10,12 +10,19 @@ from charred.trainers.evaluators import SampleEvalConfig, ValidationConfig
 from charred.trainers.trainer import TrainConfig
 
 
+SOURCES = ('tfds', 'render')
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """What the model trains on: a prepared TFDS typography config (the default), JPEG XL
   shards from `python -m charred.datasets.prepare` streamed in buckets, or an encoder
   cache. Validation and the text-rendering evaluator always read `builder_config`."""
   builder_config: str = 'tiny'
+  # Where typography examples come from: 'tfds' (the prepared `typography/<builder_config>`
+  # dataset through its SeqIO task) or 'render' (datasets/signs.py renders the plain-sign
+  # configs on the fly: no TensorFlow, nothing prepared, the same examples).
+  source: str = 'tfds'
   data_dir: str | None = None  # None: TFDS's default (~/tensorflow_datasets)
   seed: int = 0  # shuffling seed of the training stream
   # A `python -m charred.datasets.encoder_cache` output: train on its cached text encoder
@@ -29,6 +36,8 @@ class DataConfig:
   buckets: BucketConfig = BucketConfig()
 
   def __post_init__(self):
+    if self.source not in SOURCES:
+      raise ValueError(f'DataConfig.source must be one of {SOURCES}, got {self.source!r}.')
     if self.shards and self.encoder_cache:
       raise ValueError('DataConfig: give shards or encoder_cache, not both.')
 
@@ -40,3 +49,37 @@ class Experiment:
   data: DataConfig = DataConfig()
   sample_eval: SampleEvalConfig = SampleEvalConfig()
   validation: ValidationConfig = ValidationConfig()
+
+
+def prepare(data: DataConfig) -> None:
+  """Generates the TFDS typography data if `data` reads it and it is not there yet."""
+  if data.source == 'tfds':
+    from charred.datasets import pipeline  # pylint: disable=g-import-not-at-top
+    pipeline.prepare(data.builder_config, data.data_dir)
+
+
+def typography_batches(data: DataConfig, split: str, batch_size: int, text_length: int,
+                       tokenizer=None, **kwargs):
+  """Batches of the typography examples of `split` from `data.source`; kwargs as
+  `pipeline.make_iterator` (seed, start_batch, shuffle, repeat, shard_index, shard_count).
+  The rendered source also gives `glyph_tokens` and takes a subword `tokenizer`."""
+  if data.source == 'render':
+    from charred.datasets import signs  # pylint: disable=g-import-not-at-top
+    return signs.make_iterator(data.builder_config, split, batch_size, text_length,
+                               tokenizer=tokenizer, **kwargs)
+  if tokenizer is not None:
+    raise ValueError("DataConfig.source='tfds' tokenises with ByT5's bytes only; use "
+                     "source='render' for another tokenizer.")
+  from charred.datasets import pipeline  # pylint: disable=g-import-not-at-top
+  task = pipeline.register_task(data.builder_config, data.data_dir)
+  return pipeline.make_iterator(task, split, batch_size, text_length, data_dir=data.data_dir,
+                                **kwargs)
+
+
+def rendering_targets(data: DataConfig, split: str = 'validation') -> list[dict[str, str]]:
+  """The held-out prompts (`prompt`, `text`, `bucket`) of `split`, in split order."""
+  if data.source == 'render':
+    from charred.datasets import signs  # pylint: disable=g-import-not-at-top
+    return signs.rendering_targets(data.builder_config, split)
+  from charred.datasets import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.rendering_targets(data.builder_config, split, data.data_dir)

@@ -36,7 +36,6 @@ import shutil
 import struct
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import imagecodecs
 import msgpack
 import numpy as np
 from PIL import Image, ImageOps
@@ -112,11 +111,13 @@ class JxlSettings:
       kwargs = dict(level=self.quality)
     else:
       kwargs = dict(distance=self.distance)
+    import imagecodecs  # pylint: disable=g-import-not-at-top
     return imagecodecs.jpegxl_encode(rgb, effort=self.effort,
                                      decodingspeed=self.decoding_speed or None,
                                      numthreads=1, **kwargs)
 
   def to_json(self) -> dict[str, Any]:
+    import imagecodecs  # pylint: disable=g-import-not-at-top
     return dict(name="jpegxl", libjxl=imagecodecs.jpegxl_version(),
                 imagecodecs=imagecodecs.__version__, **dataclasses.asdict(self))
 
@@ -124,6 +125,7 @@ class JxlSettings:
 def decode_image(data: bytes) -> np.ndarray:
   """A record's JPEG XL codestream -> uint8 [H, W, 3]."""
   # One thread per image: callers decode several images at once instead.
+  import imagecodecs  # pylint: disable=g-import-not-at-top
   return imagecodecs.jpegxl_decode(data, numthreads=1)
 
 

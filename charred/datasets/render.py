@@ -110,6 +110,11 @@ def caption(text: str, template: str = DEFAULT_TEMPLATE) -> str:
   return template.format(text)
 
 
+def choose_case(rng: np.random.Generator, weights) -> int:
+  """Index into CASES drawn with `weights`: the first draw of an example's rng."""
+  return _choice(rng, weights)
+
+
 def _choice(rng: np.random.Generator, weights) -> int:
   p = np.asarray(weights, dtype=np.float64)
   return int(rng.choice(len(p), p=p / p.sum()))
@@ -161,6 +166,18 @@ def render(text: str, rng: np.random.Generator,
   style = dict(font=font_name, font_size=size, x=x, y=y, text_color=text_color,
                background_color=background, fits=fits)
   return np.asarray(image, dtype=np.uint8), style
+
+
+def glyph_boxes(text: str, style: dict[str, Any]) -> list[tuple[int, int, int, int]]:
+  """(x0, y0, x1, y1) pixel box of each character of `text` as `render` drew it with
+  `style`: its advance cell (kerning-free BASIC layout) over the whole line's ink height,
+  so every glyph of a line shares one vertical extent."""
+  font = load_font(style["font"], style["font_size"])
+  x, y = style["x"], style["y"]
+  _, top, _, bottom = font.getbbox(text, anchor="lm") if text else (0, 0, 0, 0)
+  y0, y1 = int(np.floor(y + top)), int(np.ceil(y + bottom))
+  edges = [x + font.getlength(text[:k]) for k in range(len(text) + 1)]
+  return [(int(np.floor(a)), y0, int(np.ceil(b)), y1) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def render_example(word: str, seed: int, index: int,

@@ -10,7 +10,6 @@ Configs with a `scene` render SVG scenes (`svg_scenes`, resvg) or HTML/CSS layou
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 
 from etils import epath
@@ -20,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from charred.datasets import html_layouts
 from charred.datasets import render as render_lib
+from charred.datasets import signs
 from charred.datasets import svg_scenes
 from charred.datasets import words as words_lib
 
@@ -31,11 +31,10 @@ are disjoint (case-insensitively); words are English words from wordfreq plus
 random letter strings, tagged with a DrawText-style frequency bucket.
 """
 
-TRAIN, VALIDATION = "train", "validation"
-# Examples of different splits are rendered from disjoint (seed, index) streams.
-_SPLIT_OFFSETS = {TRAIN: 0, VALIDATION: 1 << 32}
-_WORD_ORDER, _PHRASE = 0, 1
-_BUCKET_RANK = {b: i for i, b in enumerate(words_lib.BUCKETS)}
+TRAIN, VALIDATION = signs.TRAIN, signs.VALIDATION
+_SPLIT_OFFSETS = signs.SPLIT_OFFSETS
+example_words = signs.example_words
+phrase_bucket = signs.phrase_bucket
 
 
 @dataclasses.dataclass(eq=False)
@@ -64,33 +63,21 @@ class TypographyConfig(tfds.core.BuilderConfig):
   scene: svg_scenes.SceneConfig | html_layouts.LayoutConfig | None = None
 
 
-# Glyph placement is kept nearly fixed (one font size, 3-5 px left margin), so that the
-# column of character i depends on i alone: what a CPU-sized model can learn in minutes.
-# Colours, background, weight, case and vertical position still vary; `base` varies all.
-TINY = TypographyConfig(
-    name="tiny",
-    description="32x128, monospace DejaVu at 18 px, single words (60k train examples).",
-    render=render_lib.RenderConfig(font_size=(18, 18), x_offset=(3, 5), y_jitter=1),
-)
+def _from_signs(config: signs.SignsConfig, **kwargs) -> TypographyConfig:
+  """The TFDS config storing a plain-signs config (`signs.py` renders the same on the fly)."""
+  return TypographyConfig(
+      **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, **kwargs)
 
-# For end-to-end tests of the whole job: the tiny geometry, seconds to generate.
-MICRO = TypographyConfig(
-    name="micro",
-    description="32x128 like tiny, 256 train and 32 validation examples (tests).",
-    render=TINY.render,
-    words=words_lib.WordSplitConfig(num_validation=32),
-    num_train_examples=256,
-)
 
-BASE = TypographyConfig(
-    name="base",
-    description="64x256, all DejaVu faces, words and two-word phrases (500k train).",
-    render=render_lib.RenderConfig(
-        height=64, width=256, fonts=render_lib.ALL_FONTS, font_size=(18, 44),
-        x_offset=(4, 40), y_jitter=8),
-    num_train_examples=500000,
-    phrase_probability=0.25,
-)
+# Plain signs: see signs.py for what each varies.
+TINY = _from_signs(signs.TINY, name="tiny", description=(
+    "32x128, monospace DejaVu at 18 px, single words (60k train examples)."))
+TINY16 = _from_signs(signs.TINY16, name="tiny16", description=(
+    "16x64, monospace DejaVu at 9 px, single words (60k train examples)."))
+MICRO = _from_signs(signs.MICRO, name="micro", description=(
+    "32x128 like tiny, 256 train and 32 validation examples (tests)."))
+BASE = _from_signs(signs.BASE, name="base", description=(
+    "64x256, all DejaVu faces, words and two-word phrases (500k train)."))
 
 # Graphic scenes and page layouts. Their captions' template words are kept out of
 # validation, like "sign", "that" and "says" above.
@@ -115,33 +102,6 @@ LAYOUT_TINY = TypographyConfig(
     num_train_examples=10000,
     phrase_probability=0.2,
 )
-
-
-def example_words(config: TypographyConfig, split: str, index: int,
-                  split_words: list[str]) -> list[str]:
-  """Lowercase source words of example `index` of `split` (one, or two for a phrase)."""
-  if split == TRAIN:
-    # One seeded permutation, cycled: each word appears ~num_train/len times.
-    order = _permutation(config.seed, len(split_words))
-    first = split_words[order[index % len(split_words)]]
-  else:
-    first = split_words[index % len(split_words)]  # Already shuffled per seed.
-  if config.phrase_probability <= 0:
-    return [first]
-  rng = np.random.default_rng([config.seed, _SPLIT_OFFSETS[split] + index, _PHRASE])
-  if rng.random() >= config.phrase_probability:
-    return [first]
-  return [first, split_words[int(rng.integers(len(split_words)))]]
-
-
-@functools.lru_cache(maxsize=16)
-def _permutation(seed: int, n: int) -> np.ndarray:
-  return np.random.default_rng([seed, _WORD_ORDER]).permutation(n)
-
-
-def phrase_bucket(words: list[str]) -> str:
-  """Frequency bucket of a phrase: that of its rarest word."""
-  return max((words_lib.frequency_bucket(w) for w in words), key=_BUCKET_RANK.__getitem__)
 
 
 def generate_example(config: TypographyConfig, split: str, index: int,
@@ -169,7 +129,7 @@ class Typography(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-  BUILDER_CONFIGS = [TINY, MICRO, BASE, SVG_TINY, LAYOUT_TINY]
+  BUILDER_CONFIGS = [TINY, TINY16, MICRO, BASE, SVG_TINY, LAYOUT_TINY]
   DEFAULT_CONFIG_NAME = "tiny"
 
   # TFDS 4.9.10's default `code_path` touches the `importlib_resources`

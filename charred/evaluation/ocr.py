@@ -127,6 +127,10 @@ def preprocess(image: np.ndarray, *, scale: float = 3.0, margin: float | None = 
   return image
 
 
+# The sign height `OcrReader.scale` is given for (the tiny typography signs).
+REFERENCE_HEIGHT = 32
+
+
 @dataclasses.dataclass
 class OcrReader:
   """Reads the text on small single-word sign images.
@@ -135,7 +139,8 @@ class OcrReader:
     detect: run RapidOCR's text detector and join its boxes left to right;
       otherwise recognise the preprocessed crop directly (~15x faster and as
       accurate on single-word signs).
-    scale: bicubic upscaling factor before OCR.
+    scale: bicubic upscaling factor before OCR, for a 32-pixel-high sign; other
+      heights are scaled by scale * 32 / height, so every sign reaches the same size.
     margin: tight-crop margin in text heights (None: no crop); see `preprocess`.
     pad: extra border as a fraction of the upscaled height; defaults to 0.5
       when `detect` (the detector needs room) and 0 otherwise.
@@ -189,7 +194,8 @@ class OcrReader:
   def preprocess(self, image: np.ndarray) -> np.ndarray:
     """The uint8 RGB image the OCR engine sees for one sign."""
     pad = self.pad if self.pad is not None else (0.5 if self.detect else 0.0)
-    return preprocess(image, scale=self.scale, margin=self.margin, pad=pad,
+    scale = self.scale * REFERENCE_HEIGHT / image.shape[0]
+    return preprocess(image, scale=scale, margin=self.margin, pad=pad,
                       normalize=self.normalize, smooth=self.smooth)
 
   def read(self, images: np.ndarray | Sequence[np.ndarray]) -> list[str]:

@@ -57,12 +57,14 @@ class ImageGenerator:
 
   def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     length = self.model.config.text_length
+    # The model's own tokenizer: ByT5 bytes (this module's default) or a subword one.
+    text_tokenizer = self.model.config.text_tokenizer() or tokenizer
     for prompt in prompts:
-      if tokenizer.num_tokens(prompt) > length:
+      if text_tokenizer.num_tokens(prompt) > length:
         raise PromptTooLongError(
-            f'Prompt is {tokenizer.num_tokens(prompt)} bytes with EOS, longer than the '
-            f"model's maximum of {length}: {prompt[:60]!r}")
-    return tokenizer.encode_batch(list(prompts), length)
+            f'Prompt is {text_tokenizer.num_tokens(prompt)} tokens with EOS, longer than '
+            f"the model's maximum of {length}: {prompt[:60]!r}")
+    return text_tokenizer.encode_batch(list(prompts), length)
 
   def _sample_impl(self, params, tokens, mask, rng):
     c = self.model.config

@@ -40,6 +40,17 @@ class TextToImageConfig:
   # The checkpoint's shapes must fit `text_encoder` / `unet` above.
   text_encoder_checkpoint: str | None = None
   unet_checkpoint: str | None = None
+  # What turns prompts into encoder ids: 'bytes' (ByT5's byte vocabulary) or a subword
+  # vocabulary of charred.subword (e.g. 'subword_en_1k': the character-blind arm, whose
+  # ids say nothing of the letters inside a piece). text_encoder.vocab_size must hold it.
+  tokenizer: str = 'bytes'
+
+  def text_tokenizer(self):
+    """None for bytes (charred.tokenizer), else the subword tokenizer object."""
+    if self.tokenizer == 'bytes':
+      return None
+    from charred import subword  # pylint: disable=g-import-not-at-top
+    return subword.get_tokenizer(self.tokenizer)
 
   def __post_init__(self):
     if self.prediction_type not in diffusion.PREDICTION_TYPES:

@@ -20,6 +20,13 @@ Every parameter carries logical axis names (`nn.with_logical_partitioning`; read
                  'conv_out' also name the square channel mixers proj_in / proj_out
   'norm'         GroupNorm / LayerNorm scale and bias vectors
   'height', 'width'  the optional position embedding
+  'text_length'  the optional learned text-position table
+
+Cross-attention can address positions (`text_positions`, `query_positions`,
+`cross_attention_rope`): a T5 encoder's outputs carry no absolute index (its relative bias
+lives inside its own self-attention), so without them a query at image column c can see
+which letters a caption holds but not which one is the k-th. All off by default: the
+diffusers U-Net, parameter for parameter.
 A Dense bias takes its kernel's output axis name.
 
 Shapes: B batch, H x W spatial, C channels, L text length, E text width.
@@ -40,6 +47,7 @@ Dtype = Any
 DOWN_BLOCK_TYPES = ('CrossAttnDownBlock2D', 'DownBlock2D')
 UP_BLOCK_TYPES = ('CrossAttnUpBlock2D', 'UpBlock2D')
 CONV_AXES = ('conv_height', 'conv_width', 'conv_in', 'conv_out')
+POSITION_KINDS = (None, 'sinusoidal', 'learned')
 
 
 def dense(features: int, axes: tuple[str, str], dtype: Dtype, name: str,
@@ -133,9 +141,29 @@ class UNetConfig:
   # [heads, queries, keys] probabilities never exist whole: 2-3x faster on CPU at 32x32
   # latents (cache-sized blocks), far less memory anywhere. Not a diffusers option.
   attention_query_chunk: int = 0
+  # Positions on the text side of cross-attention, added to the text states before the
+  # key/value projections (after encoder_hid_proj): 'sinusoidal' or 'learned' (a table
+  # over text positions, which fixes the text length); None: none.
+  text_positions: str | None = None
+  # The same coordinates on the image side: the column of each query, added to the input
+  # of every cross-attention's query projection, 'sinusoidal' (in text-position units, see
+  # `position_span`) or 'learned' (a table per column and attention layer); None: none.
+  query_positions: str | None = None
+  # Rotary positions inside cross-attention only (text index against image column in
+  # text-position units), as Seedream's cross-modality RoPE; self-attention is untouched.
+  cross_attention_rope: bool = False
+  # How many text positions the image width spans in the sinusoidal and rotary image
+  # coordinate (column c of w maps to (c + 0.5) / w * span); None: the text length.
+  position_span: float | None = None
 
   def __post_init__(self):
     n = len(self.block_out_channels)
+    for name in ('text_positions', 'query_positions'):
+      if getattr(self, name) not in POSITION_KINDS:
+        raise ValueError(f'{name} must be one of {POSITION_KINDS}, got '
+                         f'{getattr(self, name)!r}.')
+    if self.position_span is not None and not self.position_span > 0:
+      raise ValueError(f'position_span must be None or > 0, got {self.position_span}.')
     for name, types, known in (('down_block_types', self.down_block_types, DOWN_BLOCK_TYPES),
                                ('up_block_types', self.up_block_types, UP_BLOCK_TYPES)):
       if len(types) != n:
@@ -180,6 +208,32 @@ def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool, freq_shift: f
   return jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
 
 
+def sinusoidal_positions(positions, dim: int, max_period: float = 10000.0):
+  """Transformer sinusoids of (possibly fractional) positions [N] -> [N, dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]
+  out = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return jnp.pad(out, ((0, 0), (0, dim - 2 * half)))
+
+
+def rotate(x, positions, max_period: float = 10000.0):
+  """Rotary position embedding: x [B, T, N, H] rotated by positions [T] (RoFormer)."""
+  half = x.shape[-1] // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]  # [T, half]
+  cos, sin = (f(angles)[None, :, None, :].astype(x.dtype) for f in (jnp.cos, jnp.sin))
+  x1, x2 = x[..., :half], x[..., half:2 * half]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  return jnp.concatenate([rotated, x[..., 2 * half:]], axis=-1)
+
+
+def column_coordinates(height: int, width: int, span: float):
+  """[height * width] image-column coordinates in text-position units, row-major."""
+  columns = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width * span
+  return jnp.tile(columns, height)
+
+
 class TimestepEmbedding(nn.Module):
   features: int
   dtype: Dtype = jnp.float32
@@ -211,12 +265,17 @@ class ResnetBlock(nn.Module):
     return x + h
 
 
-def attend(q, k, v, mask=None):
-  """Softmax attention: q [B,T,N,H], k and v [B,S,N,H], key mask [B,S] -> [B,T,N,H]."""
+def attention_weights(q, k, mask=None):
+  """Softmax weights [B,N,T,S] of q [B,T,N,H] over k [B,S,N,H], key mask [B,S]."""
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(q.shape[-1])
   if mask is not None:
     logits = jnp.where(mask[:, None, None, :] > 0, logits, jnp.finfo(logits.dtype).min)
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def attend(q, k, v, mask=None):
+  """Softmax attention: q [B,T,N,H], k and v [B,S,N,H], key mask [B,S] -> [B,T,N,H]."""
+  weights = attention_weights(q, k, mask).astype(v.dtype)
   return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
 
 
@@ -230,7 +289,12 @@ def attend_in_query_chunks(q, k, v, mask, chunk: int):
 
 
 class Attention(nn.Module):
-  """Multi-head attention with an optional key mask [B, L] (1 = attend)."""
+  """Multi-head attention with an optional key mask [B, L] (1 = attend).
+
+  Cross-attention sows its weights [B, N, T, L] as intermediates 'cross_attention' when
+  that collection is mutable (the attention loss, attention maps); otherwise nothing is
+  kept. `rope`: (query positions [T], key positions [L]) to rotate q and k by.
+  """
   heads: int
   head_dim: int
   upcast: bool = False
@@ -238,7 +302,7 @@ class Attention(nn.Module):
   query_chunk: int = 0  # see UNetConfig.attention_query_chunk
 
   @nn.compact
-  def __call__(self, x, context=None, mask=None):
+  def __call__(self, x, context=None, mask=None, rope=None):
     source = 'embed' if context is None else 'cross_embed'
     context = x if context is None else context
     inner = self.heads * self.head_dim
@@ -248,8 +312,14 @@ class Attention(nn.Module):
     v = split(dense(inner, (source, 'heads'), self.dtype, 'to_v', use_bias=False)(context))
     if self.upcast:
       q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    if rope is not None:
+      q, k = rotate(q, rope[0]), rotate(k, rope[1])
     t = q.shape[1]
-    if self.query_chunk and t > self.query_chunk and t % self.query_chunk == 0:
+    if source == 'cross_embed' and self.is_mutable_collection('intermediates'):
+      weights = attention_weights(q, k, mask)
+      self.sow('intermediates', 'cross_attention', weights)
+      out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
+    elif self.query_chunk and t > self.query_chunk and t % self.query_chunk == 0:
       out = attend_in_query_chunks(q, k, v, mask, self.query_chunk)
     else:
       out = attend(q, k, v, mask)
@@ -291,7 +361,9 @@ class TransformerBlock(nn.Module):
   query_chunk: int = 0
 
   @nn.compact
-  def __call__(self, x, context, context_mask):
+  def __call__(self, x, context, context_mask, query_positions=None, rope=None):
+    """`query_positions` [T, C] is added to the cross-attention's query input; `rope`
+    rotates its queries and keys (see Attention)."""
     ln = lambda name: layer_norm(1e-5, self.dtype, name)
     attn = lambda name: Attention(self.heads, self.head_dim, self.upcast, self.dtype,
                                   self.query_chunk, name=name)
@@ -299,7 +371,10 @@ class TransformerBlock(nn.Module):
       x = x + attn('attn1')(ln('norm1')(x), context, context_mask)
     else:
       x = x + attn('attn1')(ln('norm1')(x))
-    x = x + attn('attn2')(ln('norm2')(x), context, context_mask)
+    query = ln('norm2')(x)
+    if query_positions is not None:
+      query = query + query_positions.astype(query.dtype)[None]
+    x = x + attn('attn2')(query, context, context_mask, rope=rope)
     return x + GegluFeedForward(4, self.gelu_approximate, self.dtype, name='ff')(ln('norm3')(x))
 
 
@@ -315,10 +390,24 @@ class Transformer2D(nn.Module):
   depth: int = 1
   dtype: Dtype = jnp.float32
   query_chunk: int = 0
+  query_positions: str | None = None  # see UNetConfig
+  rope: bool = False
+  position_span: float | None = None
 
   @nn.compact
   def __call__(self, x, context, context_mask):
     b, h, w, c = x.shape
+    span = self.position_span or context.shape[1]
+    query_positions = None
+    if self.query_positions == 'sinusoidal':
+      query_positions = sinusoidal_positions(column_coordinates(h, w, span), c)
+    elif self.query_positions == 'learned':
+      table = self.param('query_position_embedding', nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), ('width', 'embed')), (w, c), jnp.float32)
+      query_positions = jnp.tile(table, (h, 1))
+    rope = None
+    if self.rope:
+      rope = (column_coordinates(h, w, span), jnp.arange(context.shape[1]))
     proj = lambda name: (dense(c, ('conv_in', 'conv_out'), self.dtype, name)
                          if self.use_linear_projection else conv(c, 1, self.dtype, name))
     y = group_norm(self.groups, self.norm_eps, self.dtype, 'norm')(x)
@@ -329,7 +418,8 @@ class Transformer2D(nn.Module):
     for i in range(self.depth):
       y = TransformerBlock(self.heads, c // self.heads, self.upcast, self.gelu_approximate,
                            self.only_cross_attention, self.dtype, self.query_chunk,
-                           name=f'transformer_blocks_{i}')(y, context, context_mask)
+                           name=f'transformer_blocks_{i}')(y, context, context_mask,
+                                                           query_positions, rope)
     if self.use_linear_projection:
       y = proj('proj_out')(y).reshape(b, h, w, c)
     else:
@@ -433,7 +523,8 @@ def _transformer(c: UNetConfig, level: int, name: str,
   return cls(c.heads_per_block[level], c.norm_num_groups, c.use_linear_projection,
              c.upcast_attention, c.transformer_norm_eps, c.gelu_approximate,
              only_cross_attention, c.transformer_depth_at(level), dtype=c.dtype,
-             query_chunk=c.attention_query_chunk, name=name)
+             query_chunk=c.attention_query_chunk, query_positions=c.query_positions,
+             rope=c.cross_attention_rope, position_span=c.position_span, name=name)
 
 
 class UNet(nn.Module):
@@ -454,6 +545,14 @@ class UNet(nn.Module):
     if c.encoder_hid_dim:
       context = dense(c.cross_attention_dim, ('embed', 'cross_embed'), c.dtype,
                       'encoder_hid_proj')(context)
+    if c.text_positions == 'sinusoidal':
+      context = context + sinusoidal_positions(
+          jnp.arange(context.shape[1]), context.shape[-1]).astype(c.dtype)[None]
+    elif c.text_positions == 'learned':
+      table = self.param('text_position_embedding', nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), ('text_length', 'cross_embed')),
+                         context.shape[1:], jnp.float32)
+      context = context + table.astype(c.dtype)[None]
     mask = encoder_attention_mask
 
     x = conv(channels[0], 3, c.dtype, 'conv_in')(sample.astype(c.dtype))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -17,7 +18,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-from charred.evaluation import grid, text_metrics
+from charred import tokenizer
+from charred.evaluation import attention_maps, grid, text_metrics
 from charred.evaluation.ocr import OcrReader
 from charred.models.generation import ImageGenerator
 from charred.models.image_codec import make_codec
@@ -105,6 +107,10 @@ class SampleEvalConfig:
   num_steps: int = 50  # DDIM steps
   guidance_scale: float = 3.0
   seed: int = 0
+  # Per-letter cross-attention heat maps of the first N samples (0: none), taken with the
+  # sample noised to `attention_timestep` (None: half the training timesteps).
+  attention_maps: int = 4
+  attention_timestep: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +131,9 @@ def read_and_score(ocr: OcrReader, images, texts: Sequence[str], buckets: Sequen
 class TextRenderingEvaluator:
   """Samples a fixed grid of held-out prompts and scores them with OCR.
 
-  Writes `workdir/samples/step_<N>.png` (each tile labelled `target -> read`) and image
-  and scalar summaries. It uses its own RNG, so it never changes training.
+  Writes `workdir/samples/step_<N>.png` (each tile labelled `target -> read`), the
+  per-letter cross-attention maps of the first few, `attention_step_<N>.png`, a line of
+  `samples/metrics.jsonl` per evaluation, and image and scalar summaries. It uses its own RNG, so it never changes training.
   """
 
   def __init__(self, model: TextToImage, targets: Sequence[RenderingTarget], workdir: str,
@@ -137,6 +144,28 @@ class TextRenderingEvaluator:
     self.generator = ImageGenerator(model, None, num_steps=config.num_steps,
                                     guidance_scale=config.guidance_scale)
     self.ocr = ocr or OcrReader()
+
+  def attention_picture(self, params, images: np.ndarray) -> np.ndarray:
+    """The per-letter cross-attention rows (attention_maps.letter_rows) of `images`,
+    samples of the first targets' prompts, side by side."""
+    model, codec = self.generator.model, self.generator.codec
+    targets = self.targets[:len(images)]
+    tokens, mask = self.generator.tokenize([t.prompt for t in targets])
+    timestep = self.config.attention_timestep
+    if timestep is None:
+      timestep = model.config.noise_schedule.num_train_timesteps // 2
+    rng = jax.random.PRNGKey(self.config.seed)
+    x0 = codec.encode(images.astype(np.float32) / 127.5 - 1.0)  # the mean, for a VAE
+    maps = np.asarray(attention_maps.cross_attention_maps(
+        model, params, x0, tokens, mask, timestep, jax.random.fold_in(rng, 1)))
+    text_tokenizer = model.config.text_tokenizer() or tokenizer
+    pictures = []
+    for image, target, m in zip(images, targets, maps):
+      start = target.prompt.find(target.text)
+      of_char = text_tokenizer.token_of_char(target.prompt)
+      letters = [int(of_char[start + k]) if start >= 0 else -1 for k in range(len(target.text))]
+      pictures.append(attention_maps.letter_rows(image, m, target.text, letters))
+    return attention_maps.attention_figure(pictures)
 
   def __call__(self, step: int, params, writer) -> dict[str, float]:
     start = time.time()
@@ -149,8 +178,15 @@ class TextRenderingEvaluator:
     os.makedirs(self.sample_dir, exist_ok=True)
     grid.save_png(os.path.join(self.sample_dir, f'step_{step}.png'), picture)
     writer.write_images(step, {'samples': picture[None]})
+    if self.config.attention_maps:
+      maps = self.attention_picture(params, images[:self.config.attention_maps])
+      grid.save_png(os.path.join(self.sample_dir, f'attention_step_{step}.png'), maps)
+      writer.write_images(step, {'cross_attention': maps[None]})
     metrics = {f'eval/{k}': float(v) for k, v in scores.items()}
     metrics['eval/seconds'] = time.time() - start
     writer.write_scalars(step, metrics)
+    # One JSON line per evaluation: learning curves without TensorBoard (curves.py).
+    with open(os.path.join(self.sample_dir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
+      f.write(json.dumps({'step': step, **{k: float(v) for k, v in scores.items()}}) + '\n')
     return metrics
 

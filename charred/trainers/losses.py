@@ -54,3 +54,37 @@ def per_example_mse(prediction, target):
   """Mean squared error per example [B], in float32 whatever the compute dtype."""
   err = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
   return jnp.mean(err, axis=tuple(range(1, err.ndim)))
+
+
+def glyph_attention_loss(attention_maps, glyph_tokens, keep):
+  """Cross-entropy pulling cross-attention onto each glyph's own caption token.
+
+  attention_maps: cross-attention weights [B, N, T, L] of any number of layers, whose T
+    query cells tile the image at any resolution (h x w cells of the same aspect ratio).
+  glyph_tokens: int [B, H, W] pixels -> the caption token whose glyph covers them, -1
+    where none does (from the renderer; see datasets/signs.py).
+  keep: bool [B], False for examples whose caption was dropped.
+  Each layer's loss is -log of the head-averaged weight on the target token at the cells
+  whose centre pixel lies in a glyph, averaged over such cells; layers are averaged.
+  Heads are averaged, not each held to the target: a layer may keep heads for other work.
+  """
+  if not attention_maps:
+    raise ValueError('glyph_attention_loss: no cross-attention maps (does the U-Net have '
+                     'cross-attention blocks?).')
+  b, height, width = glyph_tokens.shape
+  total = 0.0
+  for weights in attention_maps:
+    cells = weights.shape[2]
+    w = int(round((cells * width / height) ** 0.5))
+    h = cells // w
+    if h * w != cells:
+      raise ValueError(f'{cells} query cells do not tile a {height}x{width} image.')
+    rows = ((jnp.arange(h) + 0.5) * height / h).astype(jnp.int32)
+    cols = ((jnp.arange(w) + 0.5) * width / w).astype(jnp.int32)
+    target = glyph_tokens[:, rows][:, :, cols].reshape(b, cells)
+    valid = (target >= 0) & keep[:, None]
+    probs = jnp.mean(weights.astype(jnp.float32), axis=1)  # [B, T, L]
+    p = jnp.take_along_axis(probs, jnp.maximum(target, 0)[..., None], axis=-1)[..., 0]
+    nll = -jnp.log(p + 1e-6)
+    total = total + jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+  return total / len(attention_maps)

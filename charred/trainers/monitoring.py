@@ -514,6 +514,9 @@ class Monitor:
              extra: Mapping[str, float] | None = None) -> str:
     """Writes the train metrics (means over the interval) and returns the progress line."""
     line, steps_per_sec = self.progress.line(step, means['loss'])
+    terms = sorted(k for k in means if k.startswith('loss_'))
+    if terms:  # the loss is a sum: say of what
+      line += ' (' + ', '.join(f'{k[5:]} {means[k]:.4f}' for k in terms) + ')'
     scalars = {**{f'train/{k}': v for k, v in means.items()},
                'train/steps_per_sec': steps_per_sec, **(extra or {})}
     if self.flops_per_step is not None:

@@ -51,6 +51,7 @@ DEFAULT_RULES: Rules = (
     ('conv_width', None),
     ('height', None),
     ('width', None),
+    ('text_length', None),
     ('relpos_buckets', None),
 )
 

@@ -38,7 +38,7 @@ BatchesFn = Callable[[int], Iterator[Batch]]
 # What a batch may hold: `image` may be uint8 (TrainConfig.device_preprocess), or an
 # encoder cache gives `latent_mean`, `latent_logvar` and `text_context` (see train_step).
 BATCH_KEYS = ('image', 'latent_mean', 'latent_logvar', 'text_tokens', 'text_mask',
-              'text_context')
+              'text_context', 'glyph_tokens')
 
 
 NAN_POLICIES = ('skip', 'stop', 'none')
@@ -85,6 +85,11 @@ class TrainConfig:
   # Resize, crop, flip and normalise uint8 images of one raw size inside the step, on
   # the accelerator (the host ships 4x fewer bytes); None: `image` arrives ready.
   device_preprocess: preprocess_lib.PreprocessConfig | None = None
+  # Training-only signal from what the renderer knows (batches with `glyph_tokens`): a
+  # cross-entropy pulling every cross-attention's head-averaged weights, at each image
+  # cell inside a glyph, onto the caption token of that glyph (losses.glyph_attention_loss),
+  # added with this weight. 0: off. Sampling never sees glyphs.
+  attention_loss_weight: float = 0.0
   # Device mesh ('data', 'fsdp', 'tensor') and logical axis rules; `batch_size` is global
   # (summed over processes and devices) and must divide over 'data' x 'fsdp'.
   partitioning: partitioning.PartitioningConfig = partitioning.PartitioningConfig()
@@ -101,6 +106,8 @@ class TrainConfig:
                        f'{NAN_POLICIES}.')
     if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
       raise ValueError(f'min_snr_gamma must be None or > 0, got {self.min_snr_gamma}.')
+    if not self.attention_loss_weight >= 0:
+      raise ValueError(f'attention_loss_weight must be >= 0, got {self.attention_loss_weight}.')
     if not self.offset_noise >= 0:
       raise ValueError(f'offset_noise must be >= 0, got {self.offset_noise}.')
     if self.text_encoder_on_host and self.train_text_encoder:
@@ -153,8 +160,16 @@ def drop_captions(model_config: TextToImageConfig, config: TrainConfig, tokens, 
 
 def compute_loss(params, model: TextToImage, config: TrainConfig, batch, rng, first_example=0,
                  context=None):
-  """Mean squared error against the configured target at uniform random timesteps, in
-  float32 whatever the compute dtype, optionally Min-SNR-gamma weighted per example.
+  """The training loss: the sum of `loss_terms`."""
+  return sum(loss_terms(params, model, config, batch, rng, first_example, context).values())
+
+
+def loss_terms(params, model: TextToImage, config: TrainConfig, batch, rng, first_example=0,
+               context=None) -> dict[str, jax.Array]:
+  """{'diffusion': mean squared error against the configured target at uniform random
+  timesteps, in float32 whatever the compute dtype, optionally Min-SNR-gamma weighted per
+  example} plus, with `attention_loss_weight` and `glyph_tokens` in the batch,
+  {'attention': the weighted glyph attention loss}.
 
   Example i of the batch is example `first_example + i` of its update (see example_keys).
   `context`: the text encoder's hidden states for the captions after dropout, when a
@@ -175,12 +190,24 @@ def compute_loss(params, model: TextToImage, config: TrainConfig, batch, rng, fi
     context = model.apply({'params': params}, tokens, mask, method=TextToImage.encode_text)
     if not config.train_text_encoder:
       context = jax.lax.stop_gradient(context)
-  prediction = model.apply({'params': params}, x_t, t, context, mask, method=TextToImage.denoise)
+  glyphs = config.attention_loss_weight > 0 and 'glyph_tokens' in batch
+  if glyphs:  # the cross-attention weights are sown as intermediates
+    prediction, intermediates = model.apply({'params': params}, x_t, t, context, mask,
+                                            method=TextToImage.denoise, mutable=['intermediates'])
+  else:
+    prediction = model.apply({'params': params}, x_t, t, context, mask,
+                             method=TextToImage.denoise)
   target = diffusion.training_target(mc.prediction_type, images, noise, alpha_bar)
   loss = losses.per_example_mse(prediction, target)
   if config.min_snr_gamma is not None:
     loss = loss * losses.min_snr_weight(alpha_bar, mc.prediction_type, config.min_snr_gamma)
-  return jnp.mean(loss)
+  terms = {'diffusion': jnp.mean(loss)}
+  if glyphs:
+    keep = ~caption_drop_mask(config, rng, first_example, b)
+    maps = jax.tree_util.tree_leaves(intermediates)
+    terms['attention'] = config.attention_loss_weight * losses.glyph_attention_loss(
+        maps, batch['glyph_tokens'], keep)
+  return terms
 
 
 def train_step(state: TrainState, batch, rng, *, model, config: TrainConfig, tx, codec,
@@ -223,8 +250,11 @@ def train_step(state: TrainState, batch, rng, *, model, config: TrainConfig, tx,
                           method=TextToImage.encode_text)
   if context is not None:
     context = jax.lax.stop_gradient(context)
-  loss, grads = jax.value_and_grad(compute_loss)(state.params, model, config, batch, rng,
-                                                 first, context)
+  def total(params):
+    terms = loss_terms(params, model, config, batch, rng, first, context)
+    return sum(terms.values()), terms
+
+  (loss, terms), grads = jax.value_and_grad(total, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   old_ms = optimizer_lib.find_multi_steps_state(state.opt_state)
@@ -234,6 +264,8 @@ def train_step(state: TrainState, batch, rng, *, model, config: TrainConfig, tx,
     num_updates = old_ms.gradient_step
     applied = optimizer_lib.find_multi_steps_state(opt_state).gradient_step != num_updates
   metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+  if len(terms) > 1:
+    metrics.update({f'loss_{k}': v for k, v in terms.items()})
   if config.nan_policy != 'none':
     # One scalar for all gradients (a NaN or Inf anywhere makes the norm so): per-leaf
     # checks cost noticeably more compile time.

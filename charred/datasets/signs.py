@@ -1,0 +1,289 @@
+"""The typography signs without TensorFlow: random access by index, and batches.
+
+Example i of a split is a pure function of (config, split, i) (see `render.py`), so the
+plain-sign configs need no prepared files: this module renders them on the fly, for hosts
+that have jax but no TensorFlow (GPU hosts often do not), and is what the TFDS builder
+(`typography.py`) stores. `make_iterator` yields the batches `pipeline.make_iterator`
+yields, with the same keys; unshuffled, the very same batches. Shuffled, each epoch is a
+numpy permutation of the indices (`epoch_order`) instead of tf.data's shuffle buffer, so
+the stream is a pure function of (seed, position) and resuming at batch k costs nothing.
+
+It also gives what only a renderer knows: `glyph_tokens`, for every pixel, the caption
+token whose glyph covers it (-1 elsewhere), for training-only losses that pull each
+letter's cross-attention into its box. Nothing at sampling time sees it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import queue
+import threading
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from charred import tokenizer as bytes_tokenizer
+from charred.datasets import render as render_lib
+from charred.datasets import words as words_lib
+
+TRAIN, VALIDATION = "train", "validation"
+# Examples of different splits are rendered from disjoint (seed, index) streams.
+SPLIT_OFFSETS = {TRAIN: 0, VALIDATION: 1 << 32}
+_WORD_ORDER, _PHRASE = 0, 1
+_BUCKET_RANK = {b: i for i, b in enumerate(words_lib.BUCKETS)}
+STRING_KEYS = ("caption", "text", "word", "frequency_bucket")
+
+
+@dataclasses.dataclass(frozen=True)
+class SignsConfig:
+  """Plain signs: what a `typography` builder config holds, minus TFDS.
+
+  Attributes:
+    render: image geometry and style ranges.
+    words: how the train/validation word lists are drawn.
+    seed: seeds the word order, phrases and every rendered style.
+    num_train_examples: size of the train split (words are cycled).
+    num_validation_examples: size of the validation split; None renders each
+      validation word once.
+    phrase_probability: probability that an example shows two words of its
+      split (a short phrase) rather than one.
+  """
+  render: render_lib.RenderConfig = render_lib.RenderConfig()
+  words: words_lib.WordSplitConfig = words_lib.WordSplitConfig()
+  seed: int = 0
+  num_train_examples: int = 60000
+  num_validation_examples: int | None = None
+  phrase_probability: float = 0.0
+
+
+# Glyph placement is kept nearly fixed (one font size, 3-5 px left margin), so that the
+# column of character i depends on i alone: what a CPU-sized model can learn in minutes.
+# Colours, background, weight, case and vertical position still vary; `base` varies all.
+TINY = SignsConfig(
+    render=render_lib.RenderConfig(font_size=(18, 18), x_offset=(3, 5), y_jitter=1))
+# Tiny at half the resolution: 16x64 signs, the same glyph layout at 9 px (advance 5.4 px,
+# ~12 cells across). A 2x2-patch U-Net then sees the same 8x32 grid as tiny's 4x4 one
+# but writes 12 values per cell instead of 48; OCR still reads 98.7 % of ground-truth
+# renders (case-insensitive, 300 validation words).
+TINY16 = SignsConfig(
+    render=render_lib.RenderConfig(height=16, width=64, font_size=(9, 9), x_offset=(1, 3),
+                                   y_jitter=1))
+# For end-to-end tests of the whole job: the tiny geometry, seconds to generate.
+MICRO = SignsConfig(render=TINY.render, words=words_lib.WordSplitConfig(num_validation=32),
+                    num_train_examples=256)
+BASE = SignsConfig(
+    render=render_lib.RenderConfig(
+        height=64, width=256, fonts=render_lib.ALL_FONTS, font_size=(18, 44),
+        x_offset=(4, 40), y_jitter=8),
+    num_train_examples=500000,
+    phrase_probability=0.25,
+)
+CONFIGS = {"tiny": TINY, "tiny16": TINY16, "micro": MICRO, "base": BASE}
+
+
+def get_config(name: str) -> SignsConfig:
+  if name not in CONFIGS:
+    raise ValueError(f"No TF-free signs config {name!r}; known: {sorted(CONFIGS)} (SVG "
+                     "scenes and HTML layouts need the TFDS builder).")
+  return CONFIGS[name]
+
+
+def example_words(config, split: str, index: int, split_words: list[str]) -> list[str]:
+  """Lowercase source words of example `index` of `split` (one, or two for a phrase).
+  `config` is a SignsConfig or a typography builder config (seed, phrase_probability)."""
+  if split == TRAIN:
+    # One seeded permutation, cycled: each word appears ~num_train/len times.
+    order = _permutation(config.seed, len(split_words))
+    first = split_words[order[index % len(split_words)]]
+  else:
+    first = split_words[index % len(split_words)]  # Already shuffled per seed.
+  if config.phrase_probability <= 0:
+    return [first]
+  rng = np.random.default_rng([config.seed, SPLIT_OFFSETS[split] + index, _PHRASE])
+  if rng.random() >= config.phrase_probability:
+    return [first]
+  return [first, split_words[int(rng.integers(len(split_words)))]]
+
+
+@functools.lru_cache(maxsize=16)
+def _permutation(seed: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, _WORD_ORDER]).permutation(n)
+
+
+def phrase_bucket(words: list[str]) -> str:
+  """Frequency bucket of a phrase: that of its rarest word."""
+  return max((words_lib.frequency_bucket(w) for w in words), key=_BUCKET_RANK.__getitem__)
+
+
+def glyph_token_map(example: dict[str, Any], token_of_char: np.ndarray) -> np.ndarray:
+  """int32 [H, W]: the caption token whose glyph box covers each pixel, -1 elsewhere.
+
+  `token_of_char` maps caption characters to tokens (a tokenizer's `token_of_char`). Boxes are the glyphs' advance cells over the text line's height."""
+  image = example["image"]
+  out = np.full(image.shape[:2], -1, np.int32)
+  start = example["caption"].index(example["text"])
+  boxes = render_lib.glyph_boxes(example["text"], example)
+  for k, (x0, y0, x1, y1) in enumerate(boxes):
+    if example["text"][k].isspace():
+      continue
+    out[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = token_of_char[start + k]
+  return out
+
+
+class SignsSource:
+  """Random access to one split of a signs config: `source[i]` is example i, exactly as
+  the TFDS builder stores it (image as a uint8 array rather than PNG bytes)."""
+
+  def __init__(self, config: SignsConfig | str, split: str):
+    self.config = get_config(config) if isinstance(config, str) else config
+    if split not in SPLIT_OFFSETS:
+      raise ValueError(f"Unknown split {split!r}; expected one of {tuple(SPLIT_OFFSETS)}.")
+    self.split = split
+    self.words = words_lib.word_splits(self.config.words)[split]
+    if split == TRAIN:
+      self.num_examples = self.config.num_train_examples
+    else:
+      self.num_examples = self.config.num_validation_examples or len(self.words)
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not 0 <= index < self.num_examples:
+      raise IndexError(f"{self.split} has {self.num_examples} examples, not index {index}.")
+    words = example_words(self.config, self.split, index, self.words)
+    ex = render_lib.render_example(" ".join(words), self.config.seed,
+                                   SPLIT_OFFSETS[self.split] + index, self.config.render)
+    ex["frequency_bucket"] = phrase_bucket(words)
+    return ex
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+  """The example indices of one epoch, in stream order."""
+  if not shuffle:
+    return np.arange(num_examples)
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def encode_captions(captions, text_length: int, tokenizer=None):
+  """(tokens, mask, token_of_char per caption) with `tokenizer` (charred.subword's
+  objects; None: ByT5's bytes, charred.tokenizer)."""
+  tokenizer = tokenizer or bytes_tokenizer
+  tokens, mask = tokenizer.encode_batch(captions, text_length)
+  return tokens, mask, [tokenizer.token_of_char(c) for c in captions]
+
+
+def make_batch(examples: list[dict[str, Any]], text_length: int, tokenizer=None,
+               glyph_tokens: bool = True) -> dict[str, np.ndarray]:
+  """Model inputs of `examples`: image float32 [B,H,W,3] in [-1, 1], text_tokens and
+  text_mask int32 [B,L], the string features, and glyph_tokens int32 [B,H,W] (tokens at
+  or beyond text_length, cut off by truncation, become -1)."""
+  captions = [ex["caption"] for ex in examples]
+  tokens, mask, token_of_char = encode_captions(captions, text_length, tokenizer)
+  batch = {
+      "image": np.stack([ex["image"] for ex in examples]).astype(np.float32) / 127.5 - 1.0,
+      "text_tokens": tokens, "text_mask": mask,
+      **{k: np.array([ex[k] for ex in examples]) for k in STRING_KEYS},
+  }
+  if glyph_tokens:
+    maps = np.stack([glyph_token_map(ex, t) for ex, t in zip(examples, token_of_char)])
+    # Only tokens the model sees (bytes before EOS) are targets.
+    batch["glyph_tokens"] = np.where(maps < text_length - 1, maps, -1).astype(np.int32)
+  return batch
+
+
+def make_iterator(config: SignsConfig | str, split: str, batch_size: int, text_length: int,
+                  seed: int = 0, start_batch: int = 0, shuffle: bool = True,
+                  repeat: bool = True, shard_index: int = 0, shard_count: int = 1,
+                  tokenizer=None, glyph_tokens: bool = True,
+                  prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
+  """Batches of one split, rendered on the fly; `pipeline.make_iterator`'s contract.
+
+  The stream is the concatenation of epochs (`epoch_order`), cut into global batches of
+  `batch_size * shard_count` rows; shard i yields rows [i * batch_size, (i+1) *
+  batch_size) of each. Batch k of the stream from 0 is batch 0 of the stream from
+  `start_batch=k`. Without `repeat`, only the full global batches of one epoch.
+  `prefetch` batches are rendered ahead on a background thread.
+  """
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} is not in [0, shard_count={shard_count}).")
+  source = SignsSource(config, split)
+  n = len(source)
+  global_batch = batch_size * shard_count
+  if n < global_batch:
+    raise ValueError(f"signs {split} has {n} examples, fewer than one batch of "
+                     f"{global_batch}.")
+  num_batches = None if repeat else n // global_batch
+
+  @functools.lru_cache(maxsize=2)
+  def order(epoch):
+    return epoch_order(n, seed, epoch, shuffle)
+
+  def batch(k: int) -> dict[str, np.ndarray]:
+    first = k * global_batch + shard_index * batch_size
+    positions = range(first, first + batch_size)
+    return make_batch([source[int(order(p // n)[p % n])] for p in positions], text_length,
+                      tokenizer, glyph_tokens)
+
+  stop = None if num_batches is None else num_batches
+  return _prefetched(batch, start_batch, stop, prefetch)
+
+
+def _prefetched(make: Callable[[int], Any], start: int, stop: int | None,
+                depth: int) -> Iterator[Any]:
+  """make(start), make(start + 1), ... (up to `stop`), computed `depth` ahead on a
+  daemon thread; an exception there is raised here, at the batch it concerns."""
+  if depth <= 0:
+    k = start
+    while stop is None or k < stop:
+      yield make(k)
+      k += 1
+    return
+  q: queue.Queue = queue.Queue(maxsize=depth)
+  done = threading.Event()
+
+  def work():
+    k = start
+    while (stop is None or k < stop) and not done.is_set():
+      try:
+        item = (make(k), None)
+      except Exception as e:  # pylint: disable=broad-except
+        item = (None, e)
+      while not done.is_set():
+        try:
+          q.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          pass
+      if item[1] is not None:
+        return
+      k += 1
+    q.put((StopIteration, None))
+
+  thread = threading.Thread(target=work, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item, error = q.get()
+      if error is not None:
+        raise error
+      if item is StopIteration:
+        return
+      yield item
+  finally:
+    done.set()
+
+
+def rendering_targets(config: SignsConfig | str, split: str = VALIDATION) -> list[dict[str, str]]:
+  """Held-out prompts in split order, as `pipeline.rendering_targets` gives them."""
+  source = SignsSource(config, split)
+  out = []
+  for i in range(len(source)):
+    words = example_words(source.config, split, i, source.words)
+    # The case (and so the text) is drawn first from the example's rng: render just that.
+    rng = np.random.default_rng([source.config.seed, SPLIT_OFFSETS[split] + i])
+    case = render_lib.CASES[render_lib.choose_case(rng, source.config.render.case_weights)]
+    text = render_lib.cased(" ".join(words), case)
+    out.append({"prompt": render_lib.caption(text, source.config.render.template),
+                "text": text, "bucket": phrase_bucket(words)})
+  return out
