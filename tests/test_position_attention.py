@@ -127,3 +127,26 @@ def test_glyph_attention_loss_rejects_cells_that_do_not_tile_the_image():
   with pytest.raises(ValueError, match='do not tile'):
     losses.glyph_attention_loss([jnp.ones((1, 1, 3, 2)) / 2], jnp.zeros((1, 2, 4), jnp.int32),
                                 jnp.array([True]))
+
+
+def test_glyph_char_loss_closed_form():
+  logits = jnp.log(jnp.array([[[[0.5, 0.25, 0.25], [0.2, 0.2, 0.6]]]]))  # [1, h=1, w=2, K=3]
+  chars = jnp.array([[[0, 0, 2, 2], [0, 0, -1, -1]]])  # centre pixels: (1, 1) -> 0, (1, 3) -> -1
+  got = losses.glyph_char_loss(logits, chars, keep=jnp.array([True]))
+  assert float(got) == pytest.approx(-math.log(0.5), rel=1e-5)
+  chars = jnp.array([[[0, 0, 2, 2], [0, 0, 2, 2]]])
+  got = losses.glyph_char_loss(logits, chars, keep=jnp.array([True]))
+  assert float(got) == pytest.approx(-(math.log(0.5) + math.log(0.6)) / 2, rel=1e-5)
+  assert float(losses.glyph_char_loss(logits, chars, keep=jnp.array([False]))) == 0.0
+
+
+def test_char_head_is_sown_and_leaves_the_output_alone():
+  _, (out, state) = _run(UNetConfig(**TINY, char_head_classes=7), mutable=True)
+  logits = [v for k, v in flatten_dict(state).items() if 'char_logits' in k]
+  assert [x.shape for value in logits for x in value] == [(2, 4, 16, 7)]
+  params, plain = _run(UNetConfig(**TINY))
+  head_params, _ = _run(UNetConfig(**TINY, char_head_classes=7))
+  # The head reads the features; the image output does not depend on it.
+  assert set(flatten_dict(head_params)) - set(flatten_dict(params)) == {
+      ('char_head', 'kernel'), ('char_head', 'bias')}
+  np.testing.assert_allclose(np.asarray(out), np.asarray(plain), atol=1e-6)

@@ -119,3 +119,18 @@ def test_glyph_tokens_cover_the_ink_and_name_its_byte():
       token = glyphs[(box[1] + box[3]) // 2, (box[0] + box[2]) // 2]
       assert token == start + k  # bytes: a character's token is its byte index
       assert tokenizer.decode([tokens[token]]) == letter
+      assert batch['glyph_chars'][0][(box[1] + box[3]) // 2, (box[0] + box[2]) // 2] == ord(letter)
+    np.testing.assert_array_equal(batch['glyph_chars'][0] >= 0, glyphs >= 0)
+
+
+def test_subword_glyph_tokens_name_the_piece_holding_the_letter():
+  from charred import subword  # pylint: disable=g-import-not-at-top
+  blind = subword.get_tokenizer('subword_en_1k')
+  ex = signs.SignsSource('micro', 'train')[0]
+  batch = signs.make_batch([ex], 32, tokenizer=blind)
+  pieces = blind.pieces(ex['caption'])
+  for k, letter in enumerate(ex['text']):
+    box = render.glyph_boxes(ex['text'], ex)[k]
+    token = batch['glyph_tokens'][0][(box[1] + box[3]) // 2, (box[0] + box[2]) // 2]
+    assert letter in pieces[token], (letter, pieces[token])
+  assert batch['glyph_tokens'][0].max() < len(pieces)

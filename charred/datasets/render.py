@@ -51,6 +51,8 @@ class RenderConfig:
     case_weights: probabilities of (lower, Title, UPPER) case.
     template: caption template with one `{}` for the rendered text.
     min_contrast: minimum |luma(text) - luma(background)| in [0, 1].
+    colors: fixed (text, background) RGB colours instead of random ones (the random
+      pair is still drawn, so every other style choice of an example stays the same).
   """
   height: int = 32
   width: int = 128
@@ -61,6 +63,7 @@ class RenderConfig:
   case_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)
   template: str = DEFAULT_TEMPLATE
   min_contrast: float = 0.5
+  colors: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
 
 
 def font_dir() -> str:
@@ -149,6 +152,8 @@ def render(text: str, rng: np.random.Generator,
   x = int(rng.integers(config.x_offset[0], config.x_offset[1] + 1))
   dy = int(rng.integers(-config.y_jitter, config.y_jitter + 1)) if config.y_jitter else 0
   text_color, background = _colours(rng, config.min_contrast)
+  if config.colors is not None:
+    text_color, background = (tuple(int(c) for c in rgb) for rgb in config.colors)
 
   # Shrink until the text fits, keeping a right margin equal to the minimum left one.
   available = config.width - x - config.x_offset[0]

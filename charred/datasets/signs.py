@@ -9,8 +9,9 @@ numpy permutation of the indices (`epoch_order`) instead of tf.data's shuffle bu
 the stream is a pure function of (seed, position) and resuming at batch k costs nothing.
 
 It also gives what only a renderer knows: `glyph_tokens`, for every pixel, the caption
-token whose glyph covers it (-1 elsewhere), for training-only losses that pull each
-letter's cross-attention into its box. Nothing at sampling time sees it.
+token whose glyph covers it, and `glyph_chars`, that glyph's character (-1 elsewhere), for
+training-only losses (each letter's cross-attention pulled into its box; a per-cell
+character head). Nothing at sampling time sees them.
 """
 from __future__ import annotations
 
@@ -61,6 +62,11 @@ class SignsConfig:
 # Colours, background, weight, case and vertical position still vary; `base` varies all.
 TINY = SignsConfig(
     render=render_lib.RenderConfig(font_size=(18, 18), x_offset=(3, 5), y_jitter=1))
+# Tiny in black on white: the same words, cases, weights and placement, without random
+# colours. Random colours, which no caption names, dominate a pixel loss (the background
+# is ~90 % of the pixels); without them the loss is about the glyphs.
+TINY_BW = SignsConfig(render=dataclasses.replace(TINY.render, colors=((0, 0, 0),
+                                                                      (255, 255, 255))))
 # Tiny at half the resolution: 16x64 signs, the same glyph layout at 9 px (advance 5.4 px,
 # ~12 cells across). A 2x2-patch U-Net then sees the same 8x32 grid as tiny's 4x4 one
 # but writes 12 values per cell instead of 48; OCR still reads 98.7 % of ground-truth
@@ -78,7 +84,7 @@ BASE = SignsConfig(
     num_train_examples=500000,
     phrase_probability=0.25,
 )
-CONFIGS = {"tiny": TINY, "tiny16": TINY16, "micro": MICRO, "base": BASE}
+CONFIGS = {"tiny": TINY, "tiny_bw": TINY_BW, "tiny16": TINY16, "micro": MICRO, "base": BASE}
 
 
 def get_config(name: str) -> SignsConfig:
@@ -176,7 +182,7 @@ def encode_captions(captions, text_length: int, tokenizer=None):
 def make_batch(examples: list[dict[str, Any]], text_length: int, tokenizer=None,
                glyph_tokens: bool = True) -> dict[str, np.ndarray]:
   """Model inputs of `examples`: image float32 [B,H,W,3] in [-1, 1], text_tokens and
-  text_mask int32 [B,L], the string features, and glyph_tokens int32 [B,H,W] (tokens at
+  text_mask int32 [B,L], the string features, glyph_chars and glyph_tokens int32 [B,H,W] (tokens at
   or beyond text_length, cut off by truncation, become -1)."""
   captions = [ex["caption"] for ex in examples]
   tokens, mask, token_of_char = encode_captions(captions, text_length, tokenizer)
@@ -189,7 +195,17 @@ def make_batch(examples: list[dict[str, Any]], text_length: int, tokenizer=None,
     maps = np.stack([glyph_token_map(ex, t) for ex, t in zip(examples, token_of_char)])
     # Only tokens the model sees (bytes before EOS) are targets.
     batch["glyph_tokens"] = np.where(maps < text_length - 1, maps, -1).astype(np.int32)
+    batch["glyph_chars"] = np.stack([glyph_char_map(ex) for ex in examples])
   return batch
+
+
+def glyph_char_map(example: dict[str, Any]) -> np.ndarray:
+  """int32 [H, W]: the character (its first UTF-8 byte) whose glyph box covers each pixel,
+  -1 elsewhere: targets of a per-cell character head, the same for any tokenizer."""
+  offsets = np.arange(len(example["caption"]), dtype=np.int32)
+  by_char = glyph_token_map(example, offsets)  # caption character index per pixel
+  first_bytes = np.array([ch.encode("utf-8")[0] for ch in example["caption"]], np.int32)
+  return np.where(by_char >= 0, first_bytes[np.maximum(by_char, 0)], -1).astype(np.int32)
 
 
 def make_iterator(config: SignsConfig | str, split: str, batch_size: int, text_length: int,

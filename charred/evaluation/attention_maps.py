@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +35,8 @@ def cross_attention_maps(model: TextToImage, params, images, tokens, mask, times
   apply = functools.partial(model.apply, {'params': params})
   context = apply(tokens, mask, method=TextToImage.encode_text)
   _, state = apply(x_t, t, context, mask, method=TextToImage.denoise, mutable=['intermediates'])
-  maps = jax.tree_util.tree_leaves(state)
+  maps = [v for path, value in flax.traverse_util.flatten_dict(state).items()
+          if 'cross_attention' in path for v in value]
   if not maps:
     raise ValueError('The U-Net has no cross-attention to show.')
   cells = max(m.shape[2] for m in maps)

@@ -155,6 +155,11 @@ class UNetConfig:
   # How many text positions the image width spans in the sinusoidal and rotary image
   # coordinate (column c of w maps to (c + 0.5) / w * span); None: the text length.
   position_span: float | None = None
+  # A training-only character classifier on the finest features (before conv_norm_out):
+  # this many classes per cell (e.g. 256 bytes; 0: none). Its logits are sown as
+  # intermediates 'char_logits' for a loss that names each cell's glyph (the renderer
+  # knows it); sampling never reads them.
+  char_head_classes: int = 0
 
   def __post_init__(self):
     n = len(self.block_out_channels)
@@ -574,6 +579,9 @@ class UNet(nn.Module):
       x = UpBlock(c, level, block_type.startswith('CrossAttn'), level > 0,
                   name=f'up_blocks_{i}')(x, skips, temb, context, mask, deterministic)
 
+    if c.char_head_classes:
+      self.sow('intermediates', 'char_logits', dense(
+          c.char_head_classes, ('embed', 'vocab'), c.dtype, 'char_head')(x).astype(jnp.float32))
     x = group_norm(c.norm_num_groups, c.norm_eps, c.dtype, 'conv_norm_out')(x)
     x = conv(c.out_channels, 3, c.dtype, 'conv_out')(nn.silu(x))
     return x.astype(jnp.float32)

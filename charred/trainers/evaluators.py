@@ -79,7 +79,9 @@ class ValidationLossEvaluator:
     if not self.batches:
       raise ValueError('ValidationLossEvaluator: the validation batches are empty.')
     self.config = config
-    loss_config = dataclasses.replace(train_config, caption_dropout=0.0)
+    # The diffusion loss alone: comparable across runs with and without glyph losses.
+    loss_config = dataclasses.replace(train_config, caption_dropout=0.0,
+                                      attention_loss_weight=0.0, char_loss_weight=0.0)
     codec = codec or make_codec(model.config.pixel_space, model.config.autoencoder_path)
 
     def loss(params, batch, rng):

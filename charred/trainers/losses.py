@@ -56,6 +56,31 @@ def per_example_mse(prediction, target):
   return jnp.mean(err, axis=tuple(range(1, err.ndim)))
 
 
+def cell_targets(pixel_targets, cells: int):
+  """[B, h, w]: `pixel_targets` [B, H, W] at the centre pixel of each of `cells` cells that
+  tile the image in a grid of its aspect ratio."""
+  _, height, width = pixel_targets.shape
+  w = int(round((cells * width / height) ** 0.5))
+  h = cells // w
+  if h * w != cells:
+    raise ValueError(f'{cells} query cells do not tile a {height}x{width} image.')
+  rows = ((jnp.arange(h) + 0.5) * height / h).astype(jnp.int32)
+  cols = ((jnp.arange(w) + 0.5) * width / w).astype(jnp.int32)
+  return pixel_targets[:, rows][:, :, cols]
+
+
+def glyph_char_loss(logits, glyph_chars, keep):
+  """Cross-entropy of a per-cell character head: logits [B, h, w, K] against the
+  character (byte value) of the glyph at each cell's centre pixel (`glyph_chars` [B, H, W],
+  -1: none), averaged over cells inside glyphs of kept examples."""
+  b, h, w, _ = logits.shape
+  target = cell_targets(glyph_chars, h * w).reshape(b, h, w)
+  valid = (target >= 0) & keep[:, None, None]
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, jnp.maximum(target, 0)[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
 def glyph_attention_loss(attention_maps, glyph_tokens, keep):
   """Cross-entropy pulling cross-attention onto each glyph's own caption token.
 
@@ -68,20 +93,15 @@ def glyph_attention_loss(attention_maps, glyph_tokens, keep):
   whose centre pixel lies in a glyph, averaged over such cells; layers are averaged.
   Heads are averaged, not each held to the target: a layer may keep heads for other work.
   """
+  attention_maps = list(attention_maps)
   if not attention_maps:
     raise ValueError('glyph_attention_loss: no cross-attention maps (does the U-Net have '
                      'cross-attention blocks?).')
-  b, height, width = glyph_tokens.shape
+  b = glyph_tokens.shape[0]
   total = 0.0
   for weights in attention_maps:
     cells = weights.shape[2]
-    w = int(round((cells * width / height) ** 0.5))
-    h = cells // w
-    if h * w != cells:
-      raise ValueError(f'{cells} query cells do not tile a {height}x{width} image.')
-    rows = ((jnp.arange(h) + 0.5) * height / h).astype(jnp.int32)
-    cols = ((jnp.arange(w) + 0.5) * width / w).astype(jnp.int32)
-    target = glyph_tokens[:, rows][:, :, cols].reshape(b, cells)
+    target = cell_targets(glyph_tokens, cells).reshape(b, cells)
     valid = (target >= 0) & keep[:, None]
     probs = jnp.mean(weights.astype(jnp.float32), axis=1)  # [B, T, L]
     p = jnp.take_along_axis(probs, jnp.maximum(target, 0)[..., None], axis=-1)[..., 0]

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, Iterator, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ BatchesFn = Callable[[int], Iterator[Batch]]
 # What a batch may hold: `image` may be uint8 (TrainConfig.device_preprocess), or an
 # encoder cache gives `latent_mean`, `latent_logvar` and `text_context` (see train_step).
 BATCH_KEYS = ('image', 'latent_mean', 'latent_logvar', 'text_tokens', 'text_mask',
-              'text_context', 'glyph_tokens')
+              'text_context', 'glyph_tokens', 'glyph_chars')
 
 
 NAN_POLICIES = ('skip', 'stop', 'none')
@@ -90,6 +91,9 @@ class TrainConfig:
   # cell inside a glyph, onto the caption token of that glyph (losses.glyph_attention_loss),
   # added with this weight. 0: off. Sampling never sees glyphs.
   attention_loss_weight: float = 0.0
+  # With a U-Net character head (UNetConfig.char_head_classes) and `glyph_chars` in the
+  # batch: the weight of its per-cell cross-entropy against each glyph's character.
+  char_loss_weight: float = 0.0
   # Device mesh ('data', 'fsdp', 'tensor') and logical axis rules; `batch_size` is global
   # (summed over processes and devices) and must divide over 'data' x 'fsdp'.
   partitioning: partitioning.PartitioningConfig = partitioning.PartitioningConfig()
@@ -106,6 +110,8 @@ class TrainConfig:
                        f'{NAN_POLICIES}.')
     if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
       raise ValueError(f'min_snr_gamma must be None or > 0, got {self.min_snr_gamma}.')
+    if not self.char_loss_weight >= 0:
+      raise ValueError(f'char_loss_weight must be >= 0, got {self.char_loss_weight}.')
     if not self.attention_loss_weight >= 0:
       raise ValueError(f'attention_loss_weight must be >= 0, got {self.attention_loss_weight}.')
     if not self.offset_noise >= 0:
@@ -190,8 +196,16 @@ def loss_terms(params, model: TextToImage, config: TrainConfig, batch, rng, firs
     context = model.apply({'params': params}, tokens, mask, method=TextToImage.encode_text)
     if not config.train_text_encoder:
       context = jax.lax.stop_gradient(context)
-  glyphs = config.attention_loss_weight > 0 and 'glyph_tokens' in batch
-  if glyphs:  # the cross-attention weights are sown as intermediates
+  glyphs = config.attention_loss_weight > 0
+  chars = config.char_loss_weight > 0
+  for weight, key in ((glyphs, 'glyph_tokens'), (chars, 'glyph_chars')):
+    if weight and key not in batch:
+      raise ValueError(f'The glyph losses need `{key}` in the batch, which only the '
+                       "rendered typography source gives (DataConfig.source='render').")
+  if chars and not mc.unet.char_head_classes:
+    raise ValueError('char_loss_weight needs a character head: set '
+                     'UNetConfig.char_head_classes (e.g. 256).')
+  if glyphs or chars:  # cross-attention weights and character logits are sown
     prediction, intermediates = model.apply({'params': params}, x_t, t, context, mask,
                                             method=TextToImage.denoise, mutable=['intermediates'])
   else:
@@ -202,11 +216,16 @@ def loss_terms(params, model: TextToImage, config: TrainConfig, batch, rng, firs
   if config.min_snr_gamma is not None:
     loss = loss * losses.min_snr_weight(alpha_bar, mc.prediction_type, config.min_snr_gamma)
   terms = {'diffusion': jnp.mean(loss)}
+  keep = ~caption_drop_mask(config, rng, first_example, b)
+  sown = flax.traverse_util.flatten_dict(intermediates) if glyphs or chars else {}
   if glyphs:
-    keep = ~caption_drop_mask(config, rng, first_example, b)
-    maps = jax.tree_util.tree_leaves(intermediates)
+    maps = [v for path, value in sown.items() if 'cross_attention' in path for v in value]
     terms['attention'] = config.attention_loss_weight * losses.glyph_attention_loss(
         maps, batch['glyph_tokens'], keep)
+  if chars:
+    logits = [v for path, value in sown.items() if 'char_logits' in path for v in value]
+    terms['char'] = config.char_loss_weight * losses.glyph_char_loss(
+        logits[0], batch['glyph_chars'], keep)
   return terms
 
 
@@ -514,7 +533,10 @@ def train(workdir: str, model_config: TextToImageConfig, config: TrainConfig,
       for evaluator in evaluators:
         metrics = evaluator(step, params=state.ema_params, writer=writer, last=last)
         if metrics is not None:
+          # The console gets the headline metrics; breakdowns (by length, bucket) are
+          # in the writers.
           log(f'eval {evaluator.name} @ {step}: ' + ', '.join(
-              f'{k.split("/", 1)[-1]} {v:.3f}' for k, v in metrics.items()))
+              f'{k.split("/", 1)[-1]} {v:.3f}' for k, v in metrics.items()
+              if k.count('/') <= 1))
     ckpt.wait()
   return state
