@@ -5,7 +5,8 @@
 
 Every trial is `typography_tiny` (3,000 steps of 16, seed 0) with one set of switches, and
 is scored by `charred.evaluate` on the 300 held-out words. About 20 minutes a trial on a
-2-core CPU. docs/text_rendering.md holds the table this produced.
+2-core CPU. docs/text_rendering.md holds the ablation measured so far (run by hand,
+two at a time, before this file could run them).
 """
 
 NAME = 'text_rendering_ablation'
