@@ -13,14 +13,12 @@ training signs and read by the same OCR: what a perfect model would score.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
 
 from absl import app
 from absl import flags
-import numpy as np
 
 from charred.configs import gin_utils
 from charred.configs import sampling_flags as sf
@@ -39,36 +37,11 @@ def read_words(path: str) -> list[str]:
   return words
 
 
-def ground_truth_config(builder_config: str, height: int, width: int):
-  """The `RenderConfig` of the run's typography config, at the sampled images' size.
-
-  Looked up in `signs.CONFIGS` (TF-free, the same configs the TFDS builder stores); the
-  scene configs do not render plain signs, so they get `RenderConfig()`, which is also
-  what their TFDS configs hold.
-  """
-  from charred.datasets import render, signs  # pylint: disable=g-import-not-at-top
-  config = signs.CONFIGS[builder_config].render if builder_config in signs.CONFIGS else (
-      render.RenderConfig())
-  return dataclasses.replace(config, height=height, width=width)
-
-
-def render_ground_truth(texts, config, seed: int = 0):
-  """uint8 [N, H, W, 3] signs showing each of `texts` as written (no case change).
-
-  Styles are drawn as `render.render` draws them for training, image i from the rng
-  seeded with (seed, i), so the result is a pure function of the arguments.
-  """
-  from charred.datasets import render  # pylint: disable=g-import-not-at-top
-  if not texts:
-    raise ValueError('No texts to render.')
-  return np.stack([render.render(text, np.random.default_rng([seed, i]), config)[0]
-                   for i, text in enumerate(texts)])
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from charred.configs import runs  # pylint: disable=g-import-not-at-top
+  from charred.datasets import signs  # pylint: disable=g-import-not-at-top
   from charred.evaluation import grid, text_metrics  # pylint: disable=g-import-not-at-top
   from charred.evaluation.ocr import OcrReader  # pylint: disable=g-import-not-at-top
   from charred.models import schedulers  # pylint: disable=g-import-not-at-top
@@ -99,8 +72,8 @@ def main(argv):
   result, labels = evaluators.read_and_score(ocr, images, texts, buckets)
   # The OCR misreads some perfect signs too: the ceiling says how much of the
   # model's score is lost to OCR rather than to spelling.
-  truth = render_ground_truth(
-      texts, ground_truth_config(run.experiment.data.builder_config, *images.shape[1:3]),
+  truth = signs.render_ground_truth(
+      texts, signs.ground_truth_config(run.experiment.data.builder_config, *images.shape[1:3]),
       seed=sf.SEED.value)
   ceiling = text_metrics.score(ocr.read(truth), texts, buckets=buckets)
   result.update({f'ceiling/{k}': v for k, v in ceiling.items()})

@@ -34,7 +34,7 @@ DEFAULT_GIN_FILE = 'experiments/typography_tiny.gin'
 _GIN_FILES = flags.DEFINE_multi_string('gin_file', [DEFAULT_GIN_FILE],
                                        'Gin files (repeatable), found in . or the repo gin/.')
 _GIN_BINDINGS = flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings (repeatable).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go.')
+_WORKDIR = gin_utils.workdir_flag('Where checkpoints, logs and samples go.')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'Multi-process jobs: HOST:PORT of process 0 (default: '
     'JAX_COORDINATOR_ADDRESS, or what jax.distributed detects).')

@@ -52,7 +52,7 @@ RESULT_FILE = 'result.json'
 
 _SWEEP_FILE = flags.DEFINE_string('sweep_file', None, 'Python sweep file (in . or the repo '
                                   'gin/): GIN_FILES, get_sweep(), optional NAME, EVALUATE_FLAGS.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The sweep directory: one folder per trial.')
+_WORKDIR = gin_utils.workdir_flag('The sweep directory: one folder per trial.')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Trials run at a time.', lower_bound=1)
 _EVALUATE = flags.DEFINE_bool('evaluate', True, 'Run charred.evaluate after each training.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Validate and print the commands; run and '

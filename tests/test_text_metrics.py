@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from charred import evaluate
 from charred.datasets import render
+from charred.datasets import signs
 from charred.evaluation import text_metrics
 
 
@@ -210,25 +210,25 @@ def test_bucket_named_like_a_length_group_raises():
 
 
 def test_ground_truth_config_is_the_run_style_at_the_sample_size():
-  config = evaluate.ground_truth_config("tiny", 64, 256)
+  config = signs.ground_truth_config("tiny", 64, 256)
   assert (config.height, config.width) == (64, 256)
   assert config.font_size == (18, 18) and config.x_offset == (3, 5)  # signs.TINY's style.
-  assert evaluate.ground_truth_config("svg_tiny", 128, 128) == render.RenderConfig(
+  assert signs.ground_truth_config("svg_tiny", 128, 128) == render.RenderConfig(
       height=128, width=128)
 
 
 def test_render_ground_truth_draws_the_texts_as_written():
-  config = evaluate.ground_truth_config("micro", 32, 128)
-  images = evaluate.render_ground_truth(["abc", "ABC"], config, seed=3)
+  config = signs.ground_truth_config("micro", 32, 128)
+  images = signs.render_ground_truth(["abc", "ABC"], config, seed=3)
   assert images.shape == (2, 32, 128, 3) and images.dtype == np.uint8
   # Image i uses the rng (seed, i), as documented.
   expected = render.render("ABC", np.random.default_rng([3, 1]), config)[0]
   np.testing.assert_array_equal(images[1], expected)
-  np.testing.assert_array_equal(evaluate.render_ground_truth(["abc", "ABC"], config, seed=3),
+  np.testing.assert_array_equal(signs.render_ground_truth(["abc", "ABC"], config, seed=3),
                                 images)
   # The case is kept: the same style draws 'abc' and 'ABC' differently.
-  same_style = evaluate.render_ground_truth(["abc", "abc"], config, seed=3)
+  same_style = signs.render_ground_truth(["abc", "abc"], config, seed=3)
   assert not np.array_equal(images[1], same_style[1])
   assert all(len(np.unique(im.reshape(-1, 3), axis=0)) > 2 for im in images)  # Text drawn.
   with pytest.raises(ValueError):
-    evaluate.render_ground_truth([], config)
+    signs.render_ground_truth([], config)

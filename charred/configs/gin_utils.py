@@ -71,3 +71,13 @@ def error_line(e: BaseException) -> str:
 def exit_with_error(prog: str, e: BaseException) -> None:
   print(f'{prog}: error: {error_line(e)}', file=sys.stderr)
   sys.exit(2)
+
+
+def workdir_flag(help_text: str):
+  """The `--workdir` flag: defined by the first CLI module imported (main, sample,
+  evaluate and sweep all take one), reused by the others, so that they import together
+  (in tests, or a launcher) without absl's duplicate-flag error."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if 'workdir' in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS['workdir'])
+  return flags.DEFINE_string('workdir', None, help_text)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from absl import flags
 
-WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.gin + checkpoints).')
+from charred.configs import gin_utils
+
+WORKDIR = gin_utils.workdir_flag('Training workdir (config.gin + checkpoints).')
 CHECKPOINT_STEP = flags.DEFINE_integer('checkpoint_step', None,
                                        'Checkpoint step (default: newest).')
 SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')

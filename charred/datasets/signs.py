@@ -303,3 +303,27 @@ def rendering_targets(config: SignsConfig | str, split: str = VALIDATION) -> lis
     out.append({"prompt": render_lib.caption(text, source.config.render.template),
                 "text": text, "bucket": phrase_bucket(words)})
   return out
+
+
+def ground_truth_config(builder_config: str, height: int, width: int):
+  """The `RenderConfig` of the run's typography config, at the sampled images' size.
+
+  Looked up in `CONFIGS` (TF-free, the same configs the TFDS builder stores); the
+  scene configs do not render plain signs, so they get `RenderConfig()`, which is also
+  what their TFDS configs hold.
+  """
+  config = CONFIGS[builder_config].render if builder_config in CONFIGS else (
+      render_lib.RenderConfig())
+  return dataclasses.replace(config, height=height, width=width)
+
+
+def render_ground_truth(texts, config, seed: int = 0):
+  """uint8 [N, H, W, 3] signs showing each of `texts` as written (no case change).
+
+  Styles are drawn as `render.render` draws them for training, image i from the rng
+  seeded with (seed, i), so the result is a pure function of the arguments.
+  """
+  if not texts:
+    raise ValueError('No texts to render.')
+  return np.stack([render_lib.render(text, np.random.default_rng([seed, i]), config)[0]
+                   for i, text in enumerate(texts)])
