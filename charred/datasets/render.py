@@ -113,11 +113,6 @@ def caption(text: str, template: str = DEFAULT_TEMPLATE) -> str:
   return template.format(text)
 
 
-def choose_case(rng: np.random.Generator, weights) -> int:
-  """Index into CASES drawn with `weights`: the first draw of an example's rng."""
-  return _choice(rng, weights)
-
-
 def _choice(rng: np.random.Generator, weights) -> int:
   p = np.asarray(weights, dtype=np.float64)
   return int(rng.choice(len(p), p=p / p.sum()))

@@ -121,19 +121,24 @@ def phrase_bucket(words: list[str]) -> str:
   return max((words_lib.frequency_bucket(w) for w in words), key=_BUCKET_RANK.__getitem__)
 
 
-def glyph_token_map(example: dict[str, Any], token_of_char: np.ndarray) -> np.ndarray:
-  """int32 [H, W]: the caption token whose glyph box covers each pixel, -1 elsewhere.
-
-  `token_of_char` maps caption characters to tokens (a tokenizer's `token_of_char`). Boxes are the glyphs' advance cells over the text line's height."""
-  image = example["image"]
-  out = np.full(image.shape[:2], -1, np.int32)
+def glyph_index_map(example: dict[str, Any]) -> np.ndarray:
+  """int32 [H, W]: the index in the caption of the character whose glyph box covers each
+  pixel, -1 elsewhere. Boxes are the glyphs' advance cells over the text line's height."""
+  out = np.full(example["image"].shape[:2], -1, np.int32)
   start = example["caption"].index(example["text"])
-  boxes = render_lib.glyph_boxes(example["text"], example)
-  for k, (x0, y0, x1, y1) in enumerate(boxes):
-    if example["text"][k].isspace():
-      continue
-    out[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = token_of_char[start + k]
+  for k, (x0, y0, x1, y1) in enumerate(render_lib.glyph_boxes(example["text"], example)):
+    if not example["text"][k].isspace():
+      out[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = start + k
   return out
+
+
+def _per_character(index_map: np.ndarray, values: np.ndarray) -> np.ndarray:
+  """`values` of the caption character at each pixel of `index_map`, -1 where none."""
+  return np.where(index_map >= 0, values[np.maximum(index_map, 0)], -1).astype(np.int32)
+
+
+def _first_bytes(caption: str) -> np.ndarray:
+  return np.array([ch.encode("utf-8")[0] for ch in caption], np.int32)
 
 
 class SignsSource:
@@ -182,8 +187,10 @@ def encode_captions(captions, text_length: int, tokenizer=None):
 def make_batch(examples: list[dict[str, Any]], text_length: int, tokenizer=None,
                glyph_tokens: bool = True) -> dict[str, np.ndarray]:
   """Model inputs of `examples`: image float32 [B,H,W,3] in [-1, 1], text_tokens and
-  text_mask int32 [B,L], the string features, glyph_chars and glyph_tokens int32 [B,H,W] (tokens at
-  or beyond text_length, cut off by truncation, become -1)."""
+  text_mask int32 [B,L], the string features, and int32 [B,H,W] per-pixel targets from
+  `glyph_index_map`: glyph_tokens, the caption token of the glyph there (-1 also for
+  tokens cut off by truncation), and glyph_chars, its character's first UTF-8 byte (a
+  character head's target, the same for any tokenizer)."""
   captions = [ex["caption"] for ex in examples]
   tokens, mask, token_of_char = encode_captions(captions, text_length, tokenizer)
   batch = {
@@ -192,20 +199,13 @@ def make_batch(examples: list[dict[str, Any]], text_length: int, tokenizer=None,
       **{k: np.array([ex[k] for ex in examples]) for k in STRING_KEYS},
   }
   if glyph_tokens:
-    maps = np.stack([glyph_token_map(ex, t) for ex, t in zip(examples, token_of_char)])
+    index_maps = [glyph_index_map(ex) for ex in examples]  # the boxes, once per example
+    maps = np.stack([_per_character(m, t) for m, t in zip(index_maps, token_of_char)])
     # Only tokens the model sees (bytes before EOS) are targets.
     batch["glyph_tokens"] = np.where(maps < text_length - 1, maps, -1).astype(np.int32)
-    batch["glyph_chars"] = np.stack([glyph_char_map(ex) for ex in examples])
+    batch["glyph_chars"] = np.stack([_per_character(m, _first_bytes(c))
+                                     for m, c in zip(index_maps, captions)])
   return batch
-
-
-def glyph_char_map(example: dict[str, Any]) -> np.ndarray:
-  """int32 [H, W]: the character (its first UTF-8 byte) whose glyph box covers each pixel,
-  -1 elsewhere: targets of a per-cell character head, the same for any tokenizer."""
-  offsets = np.arange(len(example["caption"]), dtype=np.int32)
-  by_char = glyph_token_map(example, offsets)  # caption character index per pixel
-  first_bytes = np.array([ch.encode("utf-8")[0] for ch in example["caption"]], np.int32)
-  return np.where(by_char >= 0, first_bytes[np.maximum(by_char, 0)], -1).astype(np.int32)
 
 
 def make_iterator(config: SignsConfig | str, split: str, batch_size: int, text_length: int,
@@ -241,8 +241,7 @@ def make_iterator(config: SignsConfig | str, split: str, batch_size: int, text_l
     return make_batch([source[int(order(p // n)[p % n])] for p in positions], text_length,
                       tokenizer, glyph_tokens)
 
-  stop = None if num_batches is None else num_batches
-  return _prefetched(batch, start_batch, stop, prefetch)
+  return _prefetched(batch, start_batch, num_batches, prefetch)
 
 
 def _prefetched(make: Callable[[int], Any], start: int, stop: int | None,
@@ -293,16 +292,8 @@ def _prefetched(make: Callable[[int], Any], start: int, stop: int | None,
 def rendering_targets(config: SignsConfig | str, split: str = VALIDATION) -> list[dict[str, str]]:
   """Held-out prompts in split order, as `pipeline.rendering_targets` gives them."""
   source = SignsSource(config, split)
-  out = []
-  for i in range(len(source)):
-    words = example_words(source.config, split, i, source.words)
-    # The case (and so the text) is drawn first from the example's rng: render just that.
-    rng = np.random.default_rng([source.config.seed, SPLIT_OFFSETS[split] + i])
-    case = render_lib.CASES[render_lib.choose_case(rng, source.config.render.case_weights)]
-    text = render_lib.cased(" ".join(words), case)
-    out.append({"prompt": render_lib.caption(text, source.config.render.template),
-                "text": text, "bucket": phrase_bucket(words)})
-  return out
+  return [{"prompt": ex["caption"], "text": ex["text"], "bucket": ex["frequency_bucket"]}
+          for ex in (source[i] for i in range(len(source)))]
 
 
 def ground_truth_config(builder_config: str, height: int, width: int):

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from charred.evaluation import grid
 from charred.models import diffusion
+from charred.models import unet
 from charred.models.text_to_image import TextToImage
 
 
@@ -41,9 +42,8 @@ def cross_attention_maps(model: TextToImage, params, images, tokens, mask, times
     raise ValueError('The U-Net has no cross-attention to show.')
   cells = max(m.shape[2] for m in maps)
   finest = jnp.mean(jnp.stack([m.mean(axis=1) for m in maps if m.shape[2] == cells]), axis=0)
-  height, width = x0.shape[1:3]
-  w = int(round((cells * width / height) ** 0.5))
-  return finest.reshape(x0.shape[0], cells // w, w, -1)
+  h, w = unet.attention_grid(cells, *x0.shape[1:3])
+  return finest.reshape(x0.shape[0], h, w, -1)
 
 
 def _heat(values: np.ndarray, size: tuple[int, int]) -> Image.Image:

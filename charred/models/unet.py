@@ -233,6 +233,15 @@ def rotate(x, positions, max_period: float = 10000.0):
   return jnp.concatenate([rotated, x[..., 2 * half:]], axis=-1)
 
 
+def attention_grid(cells: int, height: int, width: int) -> tuple[int, int]:
+  """(h, w) of the grid of `cells` attention queries over a `height` x `width` image (the
+  U-Net keeps the image's aspect ratio at every level)."""
+  w = int(round((cells * width / height) ** 0.5))
+  if cells % w or (cells // w) * w != cells:
+    raise ValueError(f'{cells} query cells do not tile a {height}x{width} image.')
+  return cells // w, w
+
+
 def column_coordinates(height: int, width: int, span: float):
   """[height * width] image-column coordinates in text-position units, row-major."""
   columns = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width * span

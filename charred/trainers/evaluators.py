@@ -135,7 +135,8 @@ class TextRenderingEvaluator:
 
   Writes `workdir/samples/step_<N>.png` (each tile labelled `target -> read`), the
   per-letter cross-attention maps of the first few, `attention_step_<N>.png`, a line of
-  `samples/metrics.jsonl` per evaluation, and image and scalar summaries. It uses its own RNG, so it never changes training.
+  `samples/metrics.jsonl` per evaluation, and image and scalar summaries. It uses its own
+  RNG, so it never changes training.
   """
 
   def __init__(self, model: TextToImage, targets: Sequence[RenderingTarget], workdir: str,

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from charred.models import diffusion
+from charred.models import unet
 
 
 def snr(alpha_bar):
@@ -60,10 +61,7 @@ def cell_targets(pixel_targets, cells: int):
   """[B, h, w]: `pixel_targets` [B, H, W] at the centre pixel of each of `cells` cells that
   tile the image in a grid of its aspect ratio."""
   _, height, width = pixel_targets.shape
-  w = int(round((cells * width / height) ** 0.5))
-  h = cells // w
-  if h * w != cells:
-    raise ValueError(f'{cells} query cells do not tile a {height}x{width} image.')
+  h, w = unet.attention_grid(cells, height, width)
   rows = ((jnp.arange(h) + 0.5) * height / h).astype(jnp.int32)
   cols = ((jnp.arange(w) + 0.5) * width / w).astype(jnp.int32)
   return pixel_targets[:, rows][:, :, cols]
