@@ -87,6 +87,60 @@ def test_offset_noise_is_one_normal_draw_per_channel():
   np.testing.assert_allclose(np.asarray(without).std(), 1.0, rtol=0.02)
 
 
+def test_uniform_timesteps_are_the_plain_randint_and_logit_normal_follows_its_cdf():
+  keys = jax.random.split(jax.random.PRNGKey(1), 20000)
+  uniform = jax.vmap(lambda k: losses.sample_timestep(k, 1000))(keys)
+  np.testing.assert_array_equal(
+      uniform, jax.vmap(lambda k: jax.random.randint(k, (), 0, 1000))(keys))
+  t = np.asarray(jax.vmap(lambda k: losses.sample_timestep(
+      k, 1000, 'logit_normal', 0.5, 1.0))(keys))
+  assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= 999
+  # P(t < T * sigmoid(m + z * s)) = Phi(z): the quantiles at z = -1, 0, 1 (5 sigma).
+  for z, phi in ((-1.0, 0.158655), (0.0, 0.5), (1.0, 0.841345)):
+    edge = 1000 / (1 + np.exp(-(0.5 + z)))
+    assert abs(np.mean(t < np.floor(edge)) - phi) < 5 * np.sqrt(phi * (1 - phi) / len(t)) + 1e-3
+  with pytest.raises(ValueError, match='timestep sampling'):
+    losses.sample_timestep(keys[0], 1000, 'beta')
+  with pytest.raises(ValueError, match='timestep_sampling'):
+    trainer.TrainConfig(train_steps=1, batch_size=1, timestep_sampling='beta')
+
+
+def test_pixel_weighted_mse_against_hand_computed_values():
+  prediction = np.zeros((2, 1, 2, 3), np.float32)
+  target = np.array([[[[1, 1, 1], [2, 2, 2]]], [[[0, 0, 0], [3, 3, 3]]]], np.float32)
+  weights = np.array([[[1.0, 3.0]], [[1.0, 1.0]]], np.float32)
+  # Example 0: (1 * 1 + 3 * 4) * 3 values / 6 = 6.5; example 1: (0 + 9) * 3 / 6 = 4.5.
+  np.testing.assert_allclose(losses.per_example_mse(prediction, target, weights), [6.5, 4.5])
+  np.testing.assert_allclose(losses.per_example_mse(prediction, target), [2.5, 4.5])
+
+
+def test_glyph_loss_weight_needs_glyph_maps_and_weighs_glyph_pixels():
+  model = TextToImage(nano_model())
+  batch, rng, params = nano_batch(), jax.random.PRNGKey(3), nano_params()
+  plain = trainer.TrainConfig(train_steps=1, batch_size=4, caption_dropout=0.0)
+  weighted = dataclasses.replace(plain, glyph_loss_weight=2.0)
+  with pytest.raises(ValueError, match='glyph_tokens'):
+    trainer.compute_loss(params, model, weighted, batch, rng)
+  # No glyph anywhere: the weighted loss is the plain one; glyphs everywhere: 3x.
+  h, w = batch['image'].shape[1:3]
+  for fill, factor in ((-1, 1.0), (0, 3.0)):
+    glyphs = dict(batch, glyph_tokens=np.full((4, h, w), fill, np.int32))
+    np.testing.assert_allclose(float(trainer.compute_loss(params, model, weighted, glyphs, rng)),
+                               factor * float(trainer.compute_loss(params, model, plain, batch,
+                                                                   rng)), rtol=1e-5)
+
+
+def test_blank_attention_targets_need_blank_tokens():
+  model = TextToImage(nano_model())
+  batch, params = nano_batch(), nano_params()
+  h, w = batch['image'].shape[1:3]
+  config = trainer.TrainConfig(train_steps=1, batch_size=4, attention_loss_weight=0.1,
+                               attention_loss_blank=True)
+  with pytest.raises(ValueError, match='blank_tokens'):
+    trainer.compute_loss(params, model, config, dict(
+        batch, glyph_tokens=np.full((4, h, w), -1, np.int32)), jax.random.PRNGKey(0))
+
+
 def test_bfloat16_compute_step_runs_and_its_loss_is_close_to_float32():
   fp32 = nano_model()
   bf16 = dataclasses.replace(fp32, unet=dataclasses.replace(fp32.unet, dtype=jnp.bfloat16,

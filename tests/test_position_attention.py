@@ -121,6 +121,13 @@ def test_glyph_attention_loss_closed_form():
   got = losses.glyph_attention_loss([weights], outside, keep=jnp.array([True]))
   assert float(got) == pytest.approx(-math.log(0.6 + 1e-6), rel=1e-5)
   assert float(losses.glyph_attention_loss([weights], glyphs, keep=jnp.array([False]))) == 0.0
+  # With a blank token, cells outside glyphs are pulled onto it (token 1: (0.1 + 0.3) / 2);
+  # a blank of -1 leaves them out again.
+  got = losses.glyph_attention_loss([weights], outside, jnp.array([True]), jnp.array([1]))
+  expected = -(math.log(0.6 + 1e-6) + math.log(0.2 + 1e-6)) / 2
+  assert float(got) == pytest.approx(expected, rel=1e-5)
+  got = losses.glyph_attention_loss([weights], outside, jnp.array([True]), jnp.array([-1]))
+  assert float(got) == pytest.approx(-math.log(0.6 + 1e-6), rel=1e-5)
 
 
 def test_glyph_attention_loss_rejects_cells_that_do_not_tile_the_image():

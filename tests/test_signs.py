@@ -7,6 +7,7 @@ import pytest
 
 from charred import tokenizer
 from charred.datasets import render, signs
+from charred.datasets import words as words_lib
 
 
 def _digest(image, caption, text, word, bucket):
@@ -87,6 +88,61 @@ def test_stream_is_a_function_of_seed_and_position():
   assert list(other['caption']) != list(batches[0]['caption'])
 
 
+def test_length_curriculum_lets_in_one_letter_per_share_of_the_ramp():
+  # 3..8 letters over 600 images: six lengths, 100 images each.
+  got = [signs.curriculum_max_length(p, 600, 3, 8) for p in (0, 99, 100, 250, 599, 600, 9999)]
+  assert got == [3, 3, 4, 5, 8, 8, 8]
+  assert signs.curriculum_max_length(0, 0, 3, 8) == 8
+  plain = signs.make_iterator('micro', 'train', 16, 32, seed=2, prefetch=0)
+  ramped = signs.make_iterator('micro', 'train', 16, 32, seed=2, length_curriculum=96,
+                               prefetch=0)
+  for k in range(8):
+    a, b = next(plain), next(ramped)
+    limits = [signs.curriculum_max_length(16 * k + i, 96, 3, 8) for i in range(16)]
+    assert all(len(w) <= m for w, m in zip(b['word'], limits)), (k, b['word'])
+    # Words that fit keep their example, style and all; after the ramp nothing changes.
+    for i, (wa, m) in enumerate(zip(a['word'], limits)):
+      if len(wa) <= m:
+        np.testing.assert_array_equal(a['image'][i], b['image'][i])
+        assert a['caption'][i] == b['caption'][i]
+    if k >= 6:
+      np.testing.assert_array_equal(a['image'], b['image'])
+
+
+def test_data_mix_options_need_the_rendered_source():
+  from charred.configs import experiment
+  with pytest.raises(ValueError, match="source='render'"):
+    experiment.DataConfig(source='tfds', length_curriculum=100)
+  with pytest.raises(ValueError, match="source='render'"):
+    experiment.DataConfig(source='tfds', train_random_fraction=0.5)
+  data = experiment.DataConfig(builder_config='micro', source='render',
+                               train_random_fraction=0.0, length_curriculum=10**6)
+  batch = next(experiment.typography_batches(data, 'train', 16, 32, prefetch=0))
+  assert all(len(w) == 3 and w.isalpha() for w in batch['word'])
+  assert all(words_lib.frequency_bucket(w) != words_lib.UNSEEN for w in batch['word'])
+
+
+def test_grid_signs_put_each_glyph_on_three_whole_patches():
+  source = signs.SignsSource('tiny_grid', 'train')
+  for i in range(12):
+    ex = source[i]
+    ink = (ex['image'].astype(int).sum(-1) < 3 * 128)  # black on white
+    for k, (x0, _, x1, _) in enumerate(render.glyph_boxes(ex['text'], ex)):
+      assert (x0, x1) == (4 + 12 * k, 16 + 12 * k), (ex['text'], k)
+    # Nothing is drawn left of the first cell or right of the last.
+    cols = np.flatnonzero(ink.any(0))
+    assert cols.min() >= 4 and cols.max() < 4 + 12 * len(ex['text']), ex['text']
+  # One placement: the same text in the same weight is the same image, whatever the seed.
+  by_font = {}
+  for seed in range(8):
+    image, style = render.render('Hello', np.random.default_rng(seed), signs.TINY_GRID.render)
+    by_font.setdefault(style['font'], []).append(image)
+  assert len(by_font) == 2
+  for images in by_font.values():
+    for image in images[1:]:
+      np.testing.assert_array_equal(image, images[0])
+
+
 def test_shards_are_rows_of_the_global_batch():
   whole = next(signs.make_iterator('micro', 'train', 8, 32, seed=1))
   parts = [next(signs.make_iterator('micro', 'train', 4, 32, seed=1, shard_index=i,
@@ -122,6 +178,11 @@ def test_glyph_tokens_cover_the_ink_and_name_its_byte():
       assert tokenizer.decode([tokens[token]]) == letter
       assert batch['glyph_chars'][0][(box[1] + box[3]) // 2, (box[0] + box[2]) // 2] == ord(letter)
     np.testing.assert_array_equal(batch['glyph_chars'][0] >= 0, glyphs >= 0)
+    # The blank token is the closing quote right after the text.
+    blank = batch['blank_tokens'][0]
+    assert blank == start + len(ex['text']) and tokenizer.decode([tokens[blank]]) == '"'
+  # A caption cut before its closing quote has no blank token.
+  assert signs.make_batch([source[0]], 12)['blank_tokens'][0] == -1
 
 
 def test_subword_glyph_tokens_name_the_piece_holding_the_letter():

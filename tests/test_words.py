@@ -60,6 +60,22 @@ def test_frequency_bucket_values():
   assert set(words.BUCKETS) == {"frequent", "common", "rare", "unseen"}
 
 
+@pytest.mark.parametrize("train_fraction", [0.0, 0.5])
+def test_train_random_fraction_changes_training_words_only(train_fraction):
+  import dataclasses
+  base = words.word_splits(CONFIG)
+  mix = words.word_splits(dataclasses.replace(CONFIG, train_random_fraction=train_fraction))
+  assert mix["validation"] == base["validation"]  # same held-out words, same order
+  real = [w for w in base["train"] if words.frequency_bucket(w) != words.UNSEEN]
+  assert sorted(w for w in mix["train"] if words.frequency_bucket(w) != words.UNSEEN) == sorted(real)
+  randoms = [w for w in mix["train"] if words.frequency_bucket(w) == words.UNSEEN]
+  # n random / (n + real) = f  =>  n = real * f / (1 - f)
+  assert len(randoms) == round(len(real) * train_fraction / (1 - train_fraction))
+  assert not set(randoms) & set(mix["validation"])
+  with pytest.raises(ValueError, match="train_random_fraction"):
+    words.word_splits(dataclasses.replace(CONFIG, train_random_fraction=1.0))
+
+
 def test_invalid_config():
   with pytest.raises(ValueError):
     words.word_splits(words.WordSplitConfig(vocabulary_size=100, num_validation=200))

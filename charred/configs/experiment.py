@@ -25,6 +25,12 @@ class DataConfig:
   source: str = 'tfds'
   data_dir: str | None = None  # None: TFDS's default (~/tensorflow_datasets)
   seed: int = 0  # shuffling seed of the training stream
+  # The rendered source's training mix (validation words never change): the share of
+  # random letter strings among the training words (None: the config's), and a length
+  # curriculum, the number of training images over which the longest word grows from
+  # the shortest length to the longest, one letter at a time (0: none).
+  train_random_fraction: float | None = None
+  length_curriculum: int = 0
   # A `python -m charred.datasets.encoder_cache` output: train on its cached text encoder
   # hidden states and VAE latents instead of encoding raw data every step (the text
   # encoder must be frozen; the cache must be written for this model). None: raw data.
@@ -38,6 +44,13 @@ class DataConfig:
   def __post_init__(self):
     if self.source not in SOURCES:
       raise ValueError(f'DataConfig.source must be one of {SOURCES}, got {self.source!r}.')
+    if self.source != 'render' and (self.train_random_fraction is not None or
+                                    self.length_curriculum):
+      raise ValueError("DataConfig.train_random_fraction and length_curriculum need "
+                       "source='render' (the TFDS data is stored with its mix).")
+    if not (isinstance(self.length_curriculum, int) and self.length_curriculum >= 0):
+      raise ValueError(f'DataConfig.length_curriculum must be an integer >= 0 (training '
+                       f'images), got {self.length_curriculum!r}.')
     if self.shards and self.encoder_cache:
       raise ValueError('DataConfig: give shards or encoder_cache, not both.')
 
@@ -65,8 +78,13 @@ def typography_batches(data: DataConfig, split: str, batch_size: int, text_lengt
   The rendered source also gives `glyph_tokens` and takes a subword `tokenizer`."""
   if data.source == 'render':
     from charred.datasets import signs  # pylint: disable=g-import-not-at-top
-    return signs.make_iterator(data.builder_config, split, batch_size, text_length,
-                               tokenizer=tokenizer, **kwargs)
+    config = signs.get_config(data.builder_config)
+    if data.train_random_fraction is not None:
+      config = dataclasses.replace(config, words=dataclasses.replace(
+          config.words, train_random_fraction=data.train_random_fraction))
+    curriculum = data.length_curriculum if split == 'train' else 0
+    return signs.make_iterator(config, split, batch_size, text_length, tokenizer=tokenizer,
+                               length_curriculum=curriculum, **kwargs)
   if tokenizer is not None:
     raise ValueError("DataConfig.source='tfds' tokenises with ByT5's bytes only; use "
                      "source='render' for another tokenizer.")

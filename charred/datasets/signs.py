@@ -30,7 +30,7 @@ from charred.datasets import words as words_lib
 TRAIN, VALIDATION = "train", "validation"
 # Examples of different splits are rendered from disjoint (seed, index) streams.
 SPLIT_OFFSETS = {TRAIN: 0, VALIDATION: 1 << 32}
-_WORD_ORDER, _PHRASE = 0, 1
+_WORD_ORDER, _PHRASE, _CURRICULUM = 0, 1, 2
 _BUCKET_RANK = {b: i for i, b in enumerate(words_lib.BUCKETS)}
 STRING_KEYS = ("caption", "text", "word", "frequency_bucket")
 
@@ -67,6 +67,12 @@ TINY = SignsConfig(
 # is ~90 % of the pixels); without them the loss is about the glyphs.
 TINY_BW = SignsConfig(render=dataclasses.replace(TINY.render, colors=((0, 0, 0),
                                                                       (255, 255, 255))))
+# Tiny on the patch grid: black on white, one placement, glyph k exactly in pixel columns
+# [4 + 12k, 16 + 12k) (DejaVu Sans Mono advances 12 px at 20 px), i.e. three whole 4-px
+# patches. Every patch then shows part of one glyph at a fixed phase, so what a cell
+# draws is a function of its letter, case, weight and phase in the cell.
+TINY_GRID = SignsConfig(render=dataclasses.replace(
+    TINY_BW.render, font_size=(20, 20), x_offset=(4, 4), y_jitter=0))
 # Tiny at half the resolution: 16x64 signs, the same glyph layout at 9 px (advance 5.4 px,
 # ~12 cells across). A 2x2-patch U-Net then sees the same 8x32 grid as tiny's 4x4 one
 # but writes 12 values per cell instead of 48; OCR still reads 98.7 % of ground-truth
@@ -84,7 +90,7 @@ BASE = SignsConfig(
     num_train_examples=500000,
     phrase_probability=0.25,
 )
-CONFIGS = {"tiny": TINY, "tiny_bw": TINY_BW, "tiny16": TINY16, "micro": MICRO, "base": BASE}
+CONFIGS = {"tiny": TINY, "tiny_bw": TINY_BW, "tiny_grid": TINY_GRID, "tiny16": TINY16, "micro": MICRO, "base": BASE}
 
 
 def get_config(name: str) -> SignsConfig:
@@ -151,6 +157,7 @@ class SignsSource:
       raise ValueError(f"Unknown split {split!r}; expected one of {tuple(SPLIT_OFFSETS)}.")
     self.split = split
     self.words = words_lib.word_splits(self.config.words)[split]
+    self._pools: dict[int, list[str]] = {}  # max_length -> the words that short
     if split == TRAIN:
       self.num_examples = self.config.num_train_examples
     else:
@@ -160,13 +167,40 @@ class SignsSource:
     return self.num_examples
 
   def __getitem__(self, index: int) -> dict[str, Any]:
+    return self.example(index)
+
+  def example(self, index: int, max_length: int | None = None) -> dict[str, Any]:
+    """Example `index`; with `max_length`, a first word longer than that is replaced by
+    one of at most `max_length` letters from the same split, drawn from (seed, index)."""
     if not 0 <= index < self.num_examples:
       raise IndexError(f"{self.split} has {self.num_examples} examples, not index {index}.")
     words = example_words(self.config, self.split, index, self.words)
+    if max_length is not None and len(words[0]) > max_length:
+      pool = self._words_up_to(max_length)
+      rng = np.random.default_rng(
+          [self.config.seed, SPLIT_OFFSETS[self.split] + index, _CURRICULUM])
+      words = [pool[int(rng.integers(len(pool)))]] + words[1:]
     ex = render_lib.render_example(" ".join(words), self.config.seed,
                                    SPLIT_OFFSETS[self.split] + index, self.config.render)
     ex["frequency_bucket"] = phrase_bucket(words)
     return ex
+
+  def _words_up_to(self, max_length: int) -> list[str]:
+    if max_length not in self._pools:
+      pool = [w for w in self.words if len(w) <= max_length]
+      if not pool:
+        raise ValueError(f"No {self.split} word has at most {max_length} letters.")
+      self._pools[max_length] = pool
+    return self._pools[max_length]
+
+
+def curriculum_max_length(position: int, ramp: int, min_length: int, max_length: int) -> int:
+  """The longest word at training image `position` of a length curriculum that lets in
+  one more letter per equal share of the first `ramp` images (min_length at 0, every
+  length from `ramp` on); `ramp` 0: no curriculum."""
+  if ramp <= 0 or position >= ramp:
+    return max_length
+  return min_length + (max_length - min_length + 1) * position // ramp
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -190,7 +224,8 @@ def make_batch(examples: list[dict[str, Any]], text_length: int, tokenizer=None,
   text_mask int32 [B,L], the string features, and int32 [B,H,W] per-pixel targets from
   `glyph_index_map`: glyph_tokens, the caption token of the glyph there (-1 also for
   tokens cut off by truncation), and glyph_chars, its character's first UTF-8 byte (a
-  character head's target, the same for any tokenizer)."""
+  character head's target, the same for any tokenizer); and int32 [B] blank_tokens, the
+  token right after the drawn text (-1 if cut off)."""
   captions = [ex["caption"] for ex in examples]
   tokens, mask, token_of_char = encode_captions(captions, text_length, tokenizer)
   batch = {
@@ -205,13 +240,19 @@ def make_batch(examples: list[dict[str, Any]], text_length: int, tokenizer=None,
     batch["glyph_tokens"] = np.where(maps < text_length - 1, maps, -1).astype(np.int32)
     batch["glyph_chars"] = np.stack([_per_character(m, _first_bytes(c))
                                      for m, c in zip(index_maps, captions)])
+    # The token right after the drawn text (the closing quote): the key that cells showing
+    # no glyph may attend to (TrainConfig.attention_loss_blank).
+    after = [t[c.index(ex["text"]) + len(ex["text"])] if c.index(ex["text"]) + len(
+        ex["text"]) < len(c) else -1 for t, c, ex in zip(token_of_char, captions, examples)]
+    batch["blank_tokens"] = np.array([a if 0 <= a < text_length - 1 else -1 for a in after],
+                                     np.int32)
   return batch
 
 
 def make_iterator(config: SignsConfig | str, split: str, batch_size: int, text_length: int,
                   seed: int = 0, start_batch: int = 0, shuffle: bool = True,
                   repeat: bool = True, shard_index: int = 0, shard_count: int = 1,
-                  tokenizer=None, glyph_tokens: bool = True,
+                  tokenizer=None, glyph_tokens: bool = True, length_curriculum: int = 0,
                   prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
   """Batches of one split, rendered on the fly; `pipeline.make_iterator`'s contract.
 
@@ -219,6 +260,8 @@ def make_iterator(config: SignsConfig | str, split: str, batch_size: int, text_l
   `batch_size * shard_count` rows; shard i yields rows [i * batch_size, (i+1) *
   batch_size) of each. Batch k of the stream from 0 is batch 0 of the stream from
   `start_batch=k`. Without `repeat`, only the full global batches of one epoch.
+  `length_curriculum` > 0: stream position p shows words of at most
+  `curriculum_max_length(p, length_curriculum, ...)` letters (short words first).
   `prefetch` batches are rendered ahead on a background thread.
   """
   if not 0 <= shard_index < shard_count:
@@ -238,8 +281,11 @@ def make_iterator(config: SignsConfig | str, split: str, batch_size: int, text_l
   def batch(k: int) -> dict[str, np.ndarray]:
     first = k * global_batch + shard_index * batch_size
     positions = range(first, first + batch_size)
-    return make_batch([source[int(order(p // n)[p % n])] for p in positions], text_length,
-                      tokenizer, glyph_tokens)
+    words = source.config.words
+    return make_batch([source.example(int(order(p // n)[p % n]), curriculum_max_length(
+        p, length_curriculum, words.min_length, words.max_length) if length_curriculum
+                                      else None) for p in positions],
+                      text_length, tokenizer, glyph_tokens)
 
   return _prefetched(batch, start_batch, num_batches, prefetch)
 

@@ -74,6 +74,8 @@ TINY = _from_signs(signs.TINY, name="tiny", description=(
     "32x128, monospace DejaVu at 18 px, single words (60k train examples)."))
 TINY_BW = _from_signs(signs.TINY_BW, name="tiny_bw", description=(
     "32x128 like tiny, black text on white (60k train examples)."))
+TINY_GRID = _from_signs(signs.TINY_GRID, name="tiny_grid", description=(
+    "32x128, black on white, 20 px glyphs on a fixed 12 px grid (60k train examples)."))
 TINY16 = _from_signs(signs.TINY16, name="tiny16", description=(
     "16x64, monospace DejaVu at 9 px, single words (60k train examples)."))
 MICRO = _from_signs(signs.MICRO, name="micro", description=(
@@ -131,7 +133,7 @@ class Typography(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-  BUILDER_CONFIGS = [TINY, TINY_BW, TINY16, MICRO, BASE, SVG_TINY, LAYOUT_TINY]
+  BUILDER_CONFIGS = [TINY, TINY_BW, TINY_GRID, TINY16, MICRO, BASE, SVG_TINY, LAYOUT_TINY]
   DEFAULT_CONFIG_NAME = "tiny"
 
   # TFDS 4.9.10's default `code_path` touches the `importlib_resources`

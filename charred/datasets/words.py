@@ -37,6 +37,9 @@ class WordSplitConfig:
     max_length: longest word (characters), inclusive.
     num_validation: number of validation words (real + random).
     random_fraction: fraction of random letter strings in each split.
+    train_random_fraction: the train split's fraction instead, when not None; the
+      validation words stay those of `random_fraction`, so arms that train on
+      different mixes are scored on the same held-out words.
     train_only: words never drawn for validation because caption templates
       contain them, so every training caption would show them.
   """
@@ -46,6 +49,7 @@ class WordSplitConfig:
   max_length: int = 8
   num_validation: int = 300
   random_fraction: float = 0.2
+  train_random_fraction: float | None = None
   train_only: tuple[str, ...] = ("sign", "that", "says")
 
 
@@ -96,6 +100,10 @@ def _random_strings(rng: np.random.Generator, n: int, config: WordSplitConfig,
 def _word_splits(config: WordSplitConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
   if not 0.0 <= config.random_fraction < 1.0:
     raise ValueError(f"random_fraction must be in [0, 1), got {config.random_fraction}.")
+  train_fraction = (config.random_fraction if config.train_random_fraction is None
+                    else config.train_random_fraction)
+  if not 0.0 <= train_fraction < 1.0:
+    raise ValueError(f"train_random_fraction must be in [0, 1), got {train_fraction}.")
   words = real_words(config.vocabulary_size, config.min_length, config.max_length)
   num_random_val = int(round(config.num_validation * config.random_fraction))
   num_real_val = config.num_validation - num_random_val
@@ -116,8 +124,7 @@ def _word_splits(config: WordSplitConfig) -> tuple[tuple[str, ...], tuple[str, .
   train_real = [w for i, w in enumerate(words) if i not in val_idx]
 
   # Random strings: train gets the same fraction of its (larger) list.
-  num_random_train = int(round(len(train_real) * config.random_fraction
-                               / (1.0 - config.random_fraction)))
+  num_random_train = int(round(len(train_real) * train_fraction / (1.0 - train_fraction)))
   rand_rng = np.random.default_rng([config.seed, _RANDOM])
   taken = set(words)
   val_random = _random_strings(rand_rng, num_random_val, config, taken)
@@ -127,6 +134,12 @@ def _word_splits(config: WordSplitConfig) -> tuple[tuple[str, ...], tuple[str, .
   train = train_real + train_random
   validation = val_real + val_random
   train = [train[i] for i in shuffle_rng.permutation(len(train))]
+  if train_fraction != config.random_fraction:
+    # Validation is ordered after the default mix's train permutation, whatever the
+    # training mix, so that every mix is scored on the same held-out prompts in one order.
+    shuffle_rng = np.random.default_rng([config.seed, _SHUFFLE])
+    shuffle_rng.permutation(len(train_real) + int(round(
+        len(train_real) * config.random_fraction / (1.0 - config.random_fraction))))
   validation = [validation[i] for i in shuffle_rng.permutation(len(validation))]
 
   overlap = {w.lower() for w in train} & {w.lower() for w in validation}

@@ -46,10 +46,16 @@ def read_curve(path: str, metric: str) -> list[tuple[int, float]]:
 def batch_size(workdir: str) -> int:
   """The run's BATCH_SIZE, read from its operative config.gin."""
   with open(os.path.join(workdir, 'config.gin'), encoding='utf-8') as f:
-    match = re.search(r'^\s*batch_size = (\d+)', f.read(), re.MULTILINE)
-  if not match:
+    text = f.read()
+  # `batch_size = 16` in a TrainConfig block, or `trainer.TrainConfig.batch_size = %MACRO`.
+  match = re.search(r'^\s*(?:[\w.]*TrainConfig\.)?batch_size = (%?\w+)', text, re.MULTILINE)
+  value = match.group(1) if match else None
+  if value and value.startswith('%'):
+    macro = re.search(rf'^{re.escape(value[1:])} = (\d+)', text, re.MULTILINE)
+    value = macro.group(1) if macro else None
+  if not value or not value.isdigit():
     raise ValueError(f'{workdir}/config.gin binds no TrainConfig.batch_size.')
-  return int(match.group(1))
+  return int(value)
 
 
 def plot(curves: dict[str, list[tuple[int, float]]], metric: str, output: str) -> None:

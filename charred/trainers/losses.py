@@ -51,9 +51,29 @@ def sample_noise(rng, shape, offset_noise: float = 0.0):
   return noise
 
 
-def per_example_mse(prediction, target):
-  """Mean squared error per example [B], in float32 whatever the compute dtype."""
+TIMESTEP_SAMPLINGS = ('uniform', 'logit_normal')
+
+
+def sample_timestep(rng, num_train_timesteps: int, kind: str = 'uniform',
+                    logit_mean: float = 0.0, logit_std: float = 1.0):
+  """One integer training timestep in [0, num_train_timesteps): uniform, or logit-normal
+  (t / T = sigmoid(N(logit_mean, logit_std)), Esser et al. 2024, arXiv 2403.03206)."""
+  if kind == 'uniform':
+    return jax.random.randint(rng, (), 0, num_train_timesteps)
+  if kind == 'logit_normal':
+    u = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (), jnp.float32))
+    return jnp.clip(jnp.floor(u * num_train_timesteps), 0, num_train_timesteps - 1
+                    ).astype(jnp.int32)
+  raise ValueError(f'Unknown timestep sampling {kind!r}; expected {TIMESTEP_SAMPLINGS}.')
+
+
+def per_example_mse(prediction, target, pixel_weights=None):
+  """Mean squared error per example [B], in float32 whatever the compute dtype.
+  `pixel_weights` [B, H, W] (optional) weighs each pixel's error; the mean is still over
+  all values, so weights of 1 give the plain MSE."""
   err = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
+  if pixel_weights is not None:
+    err = err * pixel_weights.astype(jnp.float32)[..., None]
   return jnp.mean(err, axis=tuple(range(1, err.ndim)))
 
 
@@ -79,7 +99,7 @@ def glyph_char_loss(logits, glyph_chars, keep):
   return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def glyph_attention_loss(attention_maps, glyph_tokens, keep):
+def glyph_attention_loss(attention_maps, glyph_tokens, keep, blank_tokens=None):
   """Cross-entropy pulling cross-attention onto each glyph's own caption token.
 
   attention_maps: cross-attention weights [B, N, T, L] of any number of layers, whose T
@@ -87,6 +107,8 @@ def glyph_attention_loss(attention_maps, glyph_tokens, keep):
   glyph_tokens: int [B, H, W] pixels -> the caption token whose glyph covers them, -1
     where none does (from the renderer; see datasets/signs.py).
   keep: bool [B], False for examples whose caption was dropped.
+  blank_tokens: optional int [B], the token that cells outside every glyph are pulled
+    onto (e.g. the closing quote after the drawn text; -1: none for that example).
   Each layer's loss is -log of the head-averaged weight on the target token at the cells
   whose centre pixel lies in a glyph, averaged over such cells; layers are averaged.
   Heads are averaged, not each held to the target: a layer may keep heads for other work.
@@ -100,6 +122,8 @@ def glyph_attention_loss(attention_maps, glyph_tokens, keep):
   for weights in attention_maps:
     cells = weights.shape[2]
     target = cell_targets(glyph_tokens, cells).reshape(b, cells)
+    if blank_tokens is not None:
+      target = jnp.where(target >= 0, target, blank_tokens[:, None])
     valid = (target >= 0) & keep[:, None]
     probs = jnp.mean(weights.astype(jnp.float32), axis=1)  # [B, T, L]
     p = jnp.take_along_axis(probs, jnp.maximum(target, 0)[..., None], axis=-1)[..., 0]

@@ -39,7 +39,7 @@ BatchesFn = Callable[[int], Iterator[Batch]]
 # What a batch may hold: `image` may be uint8 (TrainConfig.device_preprocess), or an
 # encoder cache gives `latent_mean`, `latent_logvar` and `text_context` (see train_step).
 BATCH_KEYS = ('image', 'latent_mean', 'latent_logvar', 'text_tokens', 'text_mask',
-              'text_context', 'glyph_tokens', 'glyph_chars')
+              'text_context', 'glyph_tokens', 'glyph_chars', 'blank_tokens')
 
 
 NAN_POLICIES = ('skip', 'stop', 'none')
@@ -91,9 +91,22 @@ class TrainConfig:
   # cell inside a glyph, onto the caption token of that glyph (losses.glyph_attention_loss),
   # added with this weight. 0: off. Sampling never sees glyphs.
   attention_loss_weight: float = 0.0
+  # With the attention loss: cells outside every glyph are pulled onto the token after
+  # the drawn text (`blank_tokens`: the closing quote), so that "nothing here" has a key
+  # to attend to; without it those cells spread over the letters and may draw one again.
+  attention_loss_blank: bool = False
   # With a U-Net character head (UNetConfig.char_head_classes) and `glyph_chars` in the
   # batch: the weight of its per-cell cross-entropy against each glyph's character.
   char_loss_weight: float = 0.0
+  # Pixels inside glyph boxes (batches with `glyph_tokens`) weigh 1 + this in the diffusion
+  # loss, the background 1: the glyphs are ~20 % of a sign's pixels but all of its text.
+  glyph_loss_weight: float = 0.0
+  # How training timesteps are drawn: 'uniform' over [0, num_train_timesteps), or
+  # 'logit_normal' (Esser et al. 2024): t / T = sigmoid(N(mean, std)), which spends the
+  # steps on the middle noise levels where the layout is decided, not on near-clean ones.
+  timestep_sampling: str = 'uniform'
+  timestep_logit_mean: float = 0.0
+  timestep_logit_std: float = 1.0
   # Device mesh ('data', 'fsdp', 'tensor') and logical axis rules; `batch_size` is global
   # (summed over processes and devices) and must divide over 'data' x 'fsdp'.
   partitioning: partitioning.PartitioningConfig = partitioning.PartitioningConfig()
@@ -114,6 +127,13 @@ class TrainConfig:
       raise ValueError(f'char_loss_weight must be >= 0, got {self.char_loss_weight}.')
     if not self.attention_loss_weight >= 0:
       raise ValueError(f'attention_loss_weight must be >= 0, got {self.attention_loss_weight}.')
+    if not self.glyph_loss_weight >= 0:
+      raise ValueError(f'glyph_loss_weight must be >= 0, got {self.glyph_loss_weight}.')
+    if self.timestep_sampling not in losses.TIMESTEP_SAMPLINGS:
+      raise ValueError(f'Unknown timestep_sampling {self.timestep_sampling!r}; expected one '
+                       f'of {losses.TIMESTEP_SAMPLINGS}.')
+    if not self.timestep_logit_std > 0:
+      raise ValueError(f'timestep_logit_std must be > 0, got {self.timestep_logit_std}.')
     if not self.offset_noise >= 0:
       raise ValueError(f'offset_noise must be >= 0, got {self.offset_noise}.')
     if self.text_encoder_on_host and self.train_text_encoder:
@@ -186,8 +206,10 @@ def loss_terms(params, model: TextToImage, config: TrainConfig, batch, rng, firs
   b = images.shape[0]
   tokens, mask = drop_captions(mc, config, batch['text_tokens'], batch['text_mask'], rng,
                                first_example)
-  t = jax.vmap(lambda k: jax.random.randint(k, (), 0, mc.noise_schedule.num_train_timesteps))(
-      example_keys(rng, first_example, b, _TIMESTEP))
+  t = jax.vmap(lambda k: losses.sample_timestep(
+      k, mc.noise_schedule.num_train_timesteps, config.timestep_sampling,
+      config.timestep_logit_mean, config.timestep_logit_std))(
+          example_keys(rng, first_example, b, _TIMESTEP))
   alpha_bar = jnp.asarray(mc.noise_schedule.alphas_cumprod())[t]
   noise = jax.vmap(lambda k: losses.sample_noise(k, images.shape[1:], config.offset_noise))(
       example_keys(rng, first_example, b, _NOISE))
@@ -198,7 +220,9 @@ def loss_terms(params, model: TextToImage, config: TrainConfig, batch, rng, firs
       context = jax.lax.stop_gradient(context)
   glyphs = config.attention_loss_weight > 0
   chars = config.char_loss_weight > 0
-  for weight, key in ((glyphs, 'glyph_tokens'), (chars, 'glyph_chars')):
+  for weight, key in ((glyphs or config.glyph_loss_weight > 0, 'glyph_tokens'),
+                      (glyphs and config.attention_loss_blank, 'blank_tokens'),
+                      (chars, 'glyph_chars')):
     if weight and key not in batch:
       raise ValueError(f'The glyph losses need `{key}` in the batch, which only the '
                        "rendered typography source gives (DataConfig.source='render').")
@@ -212,7 +236,10 @@ def loss_terms(params, model: TextToImage, config: TrainConfig, batch, rng, firs
     prediction = model.apply({'params': params}, x_t, t, context, mask,
                              method=TextToImage.denoise)
   target = diffusion.training_target(mc.prediction_type, images, noise, alpha_bar)
-  loss = losses.per_example_mse(prediction, target)
+  pixel_weights = None
+  if config.glyph_loss_weight > 0:
+    pixel_weights = 1.0 + config.glyph_loss_weight * (batch['glyph_tokens'] >= 0)
+  loss = losses.per_example_mse(prediction, target, pixel_weights)
   if config.min_snr_gamma is not None:
     loss = loss * losses.min_snr_weight(alpha_bar, mc.prediction_type, config.min_snr_gamma)
   terms = {'diffusion': jnp.mean(loss)}
@@ -221,7 +248,8 @@ def loss_terms(params, model: TextToImage, config: TrainConfig, batch, rng, firs
   if glyphs:
     maps = [v for path, value in sown.items() if 'cross_attention' in path for v in value]
     terms['attention'] = config.attention_loss_weight * losses.glyph_attention_loss(
-        maps, batch['glyph_tokens'], keep)
+        maps, batch['glyph_tokens'], keep,
+        batch['blank_tokens'] if config.attention_loss_blank else None)
   if chars:
     logits = [v for path, value in sown.items() if 'char_logits' in path for v in value]
     terms['char'] = config.char_loss_weight * losses.glyph_char_loss(

@@ -1,6 +1,6 @@
 """Smoke sweep: two few-step trainings of typography_micro that differ in learning rate.
 
-  python -m charred.sweep --sweep_file=sweeps/typography_tiny_smoke.py --workdir=runs/smoke
+  python -m charred.sweep --sweep_file=gin/sweeps/typography_tiny_smoke.py --workdir=runs/smoke
 
 Takes a few minutes on a 2-core CPU (the first run also generates the micro dataset).
 """
