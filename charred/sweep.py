@@ -474,9 +474,16 @@ def csv_text(results: Sequence[dict]) -> str:
   return out.getvalue()
 
 
+def headline(metric: str) -> bool:
+  """Metrics shown in results.md and the console: not the per-bucket, per-length or
+  ceiling breakdowns (`name/...`), which only results.csv holds."""
+  return '/' not in metric
+
+
 def markdown_text(results: Sequence[dict]) -> str:
-  """A Markdown table; metrics rounded to 3 decimals, wall seconds to 1."""
+  """A Markdown table of the headline metrics; rounded to 3 decimals, wall seconds to 1."""
   columns, metrics, rows = table(results)
+  columns = [c for c in columns if c not in metrics or headline(c)]
   digits = {c: 3 for c in metrics}
   digits['wall_seconds'] = 1
 
@@ -581,7 +588,8 @@ def run_sweep(sweep: Sweep, workdir: str, commands: Commands = Commands(), paral
                       returncode=None, error=f'{type(e).__name__}: {e}')
       results[trial.id] = result
       summary = result.get('error') if result['status'] == 'failed' else ', '.join(
-          f'{k}={cell(v, 3)}' for k, v in result.get('metrics', {}).items() if _is_number(v))
+          f'{k}={cell(v, 3)}' for k, v in result.get('metrics', {}).items()
+          if _is_number(v) and headline(k))
       log(f'[{n}/{len(todo)}] {trial.id}: {result["status"]} after '
           f'{result.get("wall_seconds", 0):.1f} s{": " + summary if summary else ""}')
       write_reports(workdir, sweep, ordered(), plot_metric_name, with_plot=False)

@@ -301,5 +301,9 @@ def test_reports_take_the_union_of_columns_and_pick_the_plot_metric():
   assert markdown[2] == '| t0 | done | 1 |  | 2.0 | ddim | 0.123 |  |  |  |'
   assert markdown[3].endswith(r'| boom \| bang |')
   assert sweep.plot_metric(results, 'exact_match_ci') == 'ned'
+  # Breakdowns by bucket, length or ceiling are in the CSV, not in the Markdown table.
+  results[0]['metrics']['ned/len_3'] = 0.5
+  assert 'ned/len_3' in sweep.csv_text(results).splitlines()[0]
+  assert 'ned/len_3' not in sweep.markdown_text(results)
   assert sweep.plot_metric(results, None) == 'ned'
   assert sweep.plot_metric(results[1:], 'exact_match_ci') is None
