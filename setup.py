@@ -6,7 +6,12 @@ setuptools.setup(
     version="0.1.0",
     description="Character-aware text-to-image diffusion (ByT5-conditioned U-Nets) in JAX.",
     packages=setuptools.find_packages(include=["charred", "charred.*"]),
-    package_data={"charred": ["data/*.model"]},  # charred.subword's SentencePiece model
+    package_data={"charred": [
+        "data/*.model",  # charred.subword's SentencePiece model
+        # Gin files and sweep files: data, found by path (gin_utils.GIN_DIR), not imported.
+        "gin/**/*.gin",
+        "gin/sweeps/*.py",
+    ]},
     python_requires=">=3.11",
     install_requires=[
         "absl-py",

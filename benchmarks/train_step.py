@@ -82,7 +82,7 @@ def measured_matmul_flops(dtype=jnp.float32, n: int = 4096) -> float:
 
 def experiment_from_gin(gin_file: str, bindings):
   from charred.main import load_experiment  # pylint: disable=g-import-not-at-top
-  from charred.models.image_codec import make_codec  # pylint: disable=g-import-not-at-top
+  from charred.models.pretrained import make_codec  # pylint: disable=g-import-not-at-top
   experiment = load_experiment([gin_file], bindings)
   model_config = experiment.model
   return model_config, experiment.train, make_codec(model_config.pixel_space,

@@ -1,14 +1,15 @@
 r"""Scores a trained run's text rendering with OCR; prints one JSON line.
 
   python -m charred.evaluate --workdir=DIR [--words_file=F] [--steps=50] \
-      [--guidance_scale=3.0] [--scheduler=ddim] [--guidance_rescale=0.0]
+      [--guidance_scale=G] [--scheduler=ddim] [--guidance_rescale=0.0]
 
 Samples `A sign that says "<word>".` for every held-out word (the run's validation words,
 or one word per line of F, rendered as written there), reads each image with OCR and
 reports the metrics of `charred.evaluation.text_metrics.score` (exact match, NED,
 character accuracy and error rate, overall, per word length and per frequency bucket).
 Under `ceiling/` it adds the same metrics for the target texts rendered as the run's
-training signs and read by the same OCR: what a perfect model would score.
+training signs and read by the same OCR: what a perfect model would score. Guidance
+defaults to the scale the run's experiment declares (`SampleEvalConfig.guidance_scale`).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def main(argv):
       prompts = [t['prompt'] for t in targets]
       texts = [t['text'] for t in targets]
       buckets = [t['bucket'] for t in targets]
-    generator = ImageGenerator(run.model, run.params, **sf.generator_kwargs())
+    generator = ImageGenerator(run.model, run.params, codec=run.codec,
+                               **sf.generator_kwargs(run.experiment.sample_eval.guidance_scale))
     images = generator(prompts, seed=sf.SEED.value, batch_size=_BATCH.value)
   except (PromptTooLongError, FileNotFoundError, ValueError) as e:
     gin_utils.exit_with_error('charred.evaluate', e)
@@ -80,7 +82,7 @@ def main(argv):
   if _SAMPLES.value:
     os.makedirs(os.path.dirname(os.path.abspath(_SAMPLES.value)), exist_ok=True)
     grid.save_png(_SAMPLES.value, grid.make_grid(images, labels))
-  result.update(step=run.step, steps=sf.STEPS.value, guidance_scale=sf.GUIDANCE_SCALE.value,
+  result.update(step=run.step, steps=sf.STEPS.value, guidance_scale=generator.guidance_scale,
                 scheduler=sf.SCHEDULER.value, guidance_rescale=sf.GUIDANCE_RESCALE.value,
                 seconds=round(time.time() - start, 1))
   print(json.dumps(result, sort_keys=True))

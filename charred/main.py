@@ -32,7 +32,7 @@ from charred.configs.experiment import Experiment
 
 DEFAULT_GIN_FILE = 'experiments/typography_tiny.gin'
 _GIN_FILES = flags.DEFINE_multi_string('gin_file', [DEFAULT_GIN_FILE],
-                                       'Gin files (repeatable), found in . or the repo gin/.')
+                                       'Gin files (repeatable), found in . or charred\'s gin/.')
 _GIN_BINDINGS = flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings (repeatable).')
 _WORKDIR = gin_utils.workdir_flag('Where checkpoints, logs and samples go.')
 _COORDINATOR = flags.DEFINE_string(
@@ -75,16 +75,15 @@ def write_config(workdir: str) -> None:
   os.replace(path + '.tmp', path)
 
 
-def make_batches(data, model, train, shard_index: int, shard_count: int, make_iterator):
+def make_batches(data, model, train, shard_index: int, shard_count: int, make_iterator,
+                 codec):
   """(start_batch -> this process's training batches, the empty caption's cached hidden
   states or None), from the typography task (`make_iterator`), JPEG XL shards in buckets,
   or an encoder cache, as `data` says."""
   rows = train.batch_size // shard_count
   if data.encoder_cache:  # cached encoder outputs instead of raw training data
     from charred.datasets import encoder_cache  # pylint: disable=g-import-not-at-top
-    from charred.models.image_codec import make_codec  # pylint: disable=g-import-not-at-top
     cache = encoder_cache.EncoderCache(data.encoder_cache)
-    codec = make_codec(model.pixel_space, model.autoencoder_path)
     cache.check_model(model, train, encoder_cache.initial_text_encoder_params(
         model, train.seed, codec), codec)
     return (lambda start_batch: cache.batches(rows, start_batch, seed=data.seed,
@@ -132,8 +131,12 @@ def run(workdir: str, experiment: Experiment) -> bool:
     return experiment_lib.typography_batches(data, 'train', batch_size, text_length,
                                              tokenizer=text_tokenizer, **kwargs)
 
+  from charred.models import pretrained  # pylint: disable=g-import-not-at-top
+  codec = pretrained.make_codec(model.pixel_space, model.autoencoder_path)  # the one VAE load
+  if jax.process_index() == 0:
+    pretrained.write_run_model(workdir, model)  # load_pretrained(workdir) needs no gin
   batches, empty_context = make_batches(data, model, train, shard_index, shard_count,
-                                        make_iterator=make_iterator)
+                                        make_iterator=make_iterator, codec=codec)
 
   from charred.models.text_to_image import TextToImage  # pylint: disable=g-import-not-at-top
 
@@ -143,18 +146,18 @@ def run(workdir: str, experiment: Experiment) -> bool:
         data, 'validation', train.batch_size, model.text_length, tokenizer=text_tokenizer,
         shuffle=False, repeat=False)
     return evaluators.ValidationLossEvaluator(TextToImage(model), train, held_out,
-                                              experiment.validation)
+                                              experiment.validation, codec=codec)
 
   def text_rendering():
     targets = [evaluators.RenderingTarget(**t)
                for t in experiment_lib.rendering_targets(data, 'validation')]
     return evaluators.TextRenderingEvaluator(TextToImage(model), targets, workdir,
-                                             experiment.sample_eval)
+                                             experiment.sample_eval, codec=codec)
 
   state = trainer.train(workdir, model, train, batches, evaluators=[
       evaluators.PeriodicEvaluator('validation', experiment.validation.every, validation_loss),
       evaluators.PeriodicEvaluator('text_rendering', train.eval_every, text_rendering)],
-                        empty_context=empty_context)
+                        empty_context=empty_context, codec=codec)
   return int(state.step) >= train.train_steps
 
 

@@ -1,7 +1,7 @@
 r"""Samples an image for a prompt from a trained run.
 
   python -m charred.sample --workdir=DIR --prompt='A sign that says "hello".' \
-      --output=out.png [--seed=0] [--steps=50] [--guidance_scale=3.0] [--num_images=1] \
+      --output=out.png [--seed=0] [--steps=50] [--guidance_scale=G] [--num_images=1] \
       [--scheduler=ddim|ddpm|euler|euler_ancestral|dpmpp_2m] [--guidance_rescale=0.0]
 """
 
@@ -34,7 +34,8 @@ def main(argv):
   try:
     schedulers.lookup(sf.SCHEDULER.value)  # a bad name fails before the run loads
     run = runs.load_run(sf.WORKDIR.value, sf.CHECKPOINT_STEP.value)
-    generator = ImageGenerator(run.model, run.params, **sf.generator_kwargs())
+    generator = ImageGenerator(run.model, run.params, codec=run.codec,
+                               **sf.generator_kwargs(run.experiment.sample_eval.guidance_scale))
     images = generator([_PROMPT.value] * _NUM_IMAGES.value, seed=sf.SEED.value)
   except (PromptTooLongError, FileNotFoundError, ValueError) as e:
     gin_utils.exit_with_error('charred.sample', e)

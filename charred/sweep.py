@@ -3,7 +3,7 @@ r"""Runs a sweep of gin bindings as trials of `charred.main` (and `charred.evalu
   python -m charred.sweep --sweep_file=F --workdir=DIR [--parallel=N] [--evaluate=true] \
       [--dry_run] [--plot_metric=exact_match_ci]
 
-F is Python (found in . or the repo's gin/, e.g. `sweeps/typography_tiny_smoke.py`) that
+F is Python (found in . or charred's gin/, e.g. `sweeps/typography_tiny_smoke.py`) that
 defines `GIN_FILES` (gin files, found as `charred.main` finds them) and `get_sweep()`, a
 list of dicts from gin names to values, one per trial, e.g.
 `{'TRAIN_STEPS': 3000, 'unet.UNetConfig.position_embedding': True}` (names without a dot are
@@ -50,7 +50,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PLOT_METRIC = 'exact_match_ci'
 RESULT_FILE = 'result.json'
 
-_SWEEP_FILE = flags.DEFINE_string('sweep_file', None, 'Python sweep file (in . or the repo '
+_SWEEP_FILE = flags.DEFINE_string('sweep_file', None, "Python sweep file (in . or charred's "
                                   'gin/): GIN_FILES, get_sweep(), optional NAME, EVALUATE_FLAGS.')
 _WORKDIR = gin_utils.workdir_flag('The sweep directory: one folder per trial.')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Trials run at a time.', lower_bound=1)
@@ -178,8 +178,9 @@ class Sweep:
 
 
 def find_sweep_file(path: str) -> str:
-  """`path` as given, else under the repo's gin/ (as gin files are found)."""
-  for candidate in (path, os.path.join(gin_utils.GIN_DIR, path)):
+  """`path` as given, else under charred's gin/ (as gin files are found)."""
+  for candidate in (path, os.path.join(gin_utils.GIN_DIR, path),
+                    os.path.join(os.path.dirname(gin_utils.GIN_DIR), path)):
     if os.path.isfile(candidate):
       return candidate
   raise SweepError(f'sweep file not found: {path} (searched ., {gin_utils.GIN_DIR})')

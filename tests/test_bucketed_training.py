@@ -74,7 +74,7 @@ def test_main_reads_shards_in_buckets_when_configured(tmp_path):
   data = DataConfig(shards=shards, buckets=BUCKETS)
   # Process 1 of 2 reads rows 4..7 of every global batch of 8.
   batches, empty_context = main.make_batches(data, micro_model(), train, 1, 2,
-                                             make_iterator=None)
+                                             make_iterator=None, codec=None)
   assert empty_context is None
   it = batches(0)
   whole = bucketing.BucketedBatches(shards, 8, BUCKETS, seed=0, process_index=0,
@@ -85,4 +85,5 @@ def test_main_reads_shards_in_buckets_when_configured(tmp_path):
     assert list(mine['caption']) == list(everything['caption'][4:])
   too_long = DataConfig(shards=shards, buckets=bucketing.BucketConfig(text_lengths=(64,)))
   with pytest.raises(ValueError, match='text_length'):
-    main.make_batches(too_long, micro_model(), train, 0, 1, make_iterator=None)
+    main.make_batches(too_long, micro_model(), train, 0, 1, make_iterator=None,
+                      codec=None)

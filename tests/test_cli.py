@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,24 @@ def test_main_writes_config_checkpoints_samples_and_events(micro_run):
   assert 'TRAIN_STEPS = 20' in config and 'BATCH_SIZE = 4' in config
 
 
+def test_cache_encoder_needs_exactly_one_model_source(tmp_path):
+  proc = run_cli('cache_encoder', f'--out={tmp_path / "cache"}', check=False)
+  assert 'exactly one of --workdir or --gin_file' in _one_error_line(proc)
+  assert not (tmp_path / 'cache').exists()
+
+
+def test_load_pretrained_reads_a_run_without_its_gin_files(micro_run):
+  import charred.models  # pylint: disable=import-outside-toplevel
+  module, params = charred.models.load_pretrained(micro_run)
+  run = runs.load_run(micro_run)  # the other path: gin config + the trainer's restore
+  assert module.config == run.experiment.model
+  want = jax.tree_util.tree_leaves_with_path(run.params)
+  got = dict(jax.tree_util.tree_leaves_with_path(params))
+  assert len(got) == len(want)
+  for path, value in want:
+    np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(value))
+
+
 def test_sample_writes_png_of_the_model_size(micro_run, tmp_path):
   out = tmp_path / 'out.png'
   proc = run_cli('sample', f'--workdir={micro_run}', '--prompt=A sign that says "hello".',
@@ -47,6 +66,10 @@ def test_evaluate_prints_one_json_line(micro_run, tmp_path):
   assert result['num_words'] == 2
   for key in ('exact_match', 'exact_match_ci', 'ned'):
     assert 0.0 <= result[key] <= 1.0
+  # No --guidance_scale: the scale the run's experiment declares in its gin file.
+  with open(os.path.join(REPO, 'gin', 'experiments', 'typography_tiny.gin')) as f:
+    declared = re.search(r'^\s+guidance_scale = ([0-9.]+)', f.read(), re.M).group(1)
+  assert result['guidance_scale'] == float(declared)
 
 
 def _one_error_line(proc):

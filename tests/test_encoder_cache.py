@@ -16,7 +16,7 @@ import step_fixtures
 from charred import tokenizer
 from charred.datasets import encoder_cache
 from charred.models import diffusion
-from charred.models.image_codec import make_codec
+from charred.models.pretrained import make_codec
 from charred.models.t5_encoder import T5EncoderConfig
 from charred.models.text_to_image import TextToImage, TextToImageConfig
 from charred.models.unet import UNetConfig

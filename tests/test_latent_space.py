@@ -9,7 +9,7 @@ import pytest
 from charred import tokenizer
 from charred.models import diffusion
 from charred.models.generation import ImageGenerator
-from charred.models.image_codec import load_autoencoder, make_codec
+from charred.models.pretrained import load_autoencoder, make_codec
 from charred.models.t5_encoder import T5EncoderConfig
 from charred.models.text_to_image import TextToImage, TextToImageConfig
 from charred.models.unet import UNetConfig
@@ -41,8 +41,11 @@ def test_latent_model_trains_and_samples_full_size_images(tmp_path):
   # The U-Net saw 8x8x4 latents (the fixture VAE downsamples by 2) ...
   assert state.params['unet']['conv_in']['kernel'].shape[2] == 4
   assert 'encoder' not in state.params  # ... and the VAE is not part of what trains.
-  images = ImageGenerator(TextToImage(config), state.ema_params, num_steps=2)(['a'])
+  images = ImageGenerator(TextToImage(config), state.ema_params, num_steps=2,
+                          codec=make_codec(False, VAE_DIR))(['a'])
   assert images.shape == (1, 16, 16, 3) and images.dtype == np.uint8
+  with pytest.raises(ValueError, match='needs codec='):  # never a silent pixel codec
+    ImageGenerator(TextToImage(config), state.ema_params)
 
 
 def test_codec_encodes_the_scaled_posterior_mean():

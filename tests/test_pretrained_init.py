@@ -1,15 +1,16 @@
 """A model config can start its text encoder and U-Net from converted checkpoints."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from charred.models import pretrained
+from charred.models import model_kinds, pretrained
 from charred.models.image_codec import PixelCodec
-from charred.models.text_to_image import TextToImage, init_params
+from charred.models.text_to_image import TextToImage, TextToImageConfig, init_params
 from charred.trainers import trainer
 from test_trainer import micro_model
 
@@ -48,4 +49,12 @@ def test_a_checkpoint_of_another_shape_names_the_parameter(tmp_path):
   model = TextToImage(dataclasses.replace(config, text_encoder_checkpoint=path))
   with pytest.raises(ValueError, match=r'text_encoder parameter encoder/layers_0/mlp/wi_0/kernel '
                      r'has shape \(32, 48\), the model config needs \(32, 64\)'):
-    init_params(model, jax.random.PRNGKey(0), PixelCodec())
+    pretrained.load_checkpoints(model.config,
+                                init_params(model, jax.random.PRNGKey(0), PixelCodec()))
+
+
+def test_a_text_to_image_config_round_trips_through_json():
+  config = dataclasses.replace(micro_model(), text_encoder_checkpoint='/x', tokenizer='bytes')
+  raw = json.loads(json.dumps(model_kinds.config_to_dict(config)))
+  assert raw['unet']['block_out_channels'] == list(config.unet.block_out_channels)
+  assert model_kinds.config_from_dict(TextToImageConfig, raw) == config

@@ -31,7 +31,7 @@ class DataConfig:
   # the shortest length to the longest, one letter at a time (0: none).
   train_random_fraction: float | None = None
   length_curriculum: int = 0
-  # A `python -m charred.datasets.encoder_cache` output: train on its cached text encoder
+  # A `python -m charred.cache_encoder` output: train on its cached text encoder
   # hidden states and VAE latents instead of encoding raw data every step (the text
   # encoder must be frozen; the cache must be written for this model). None: raw data.
   encoder_cache: str | None = None

@@ -14,8 +14,11 @@ from typing import Sequence
 
 import gin
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), 'gin')
+import charred
+
+# Shipped inside the package (the repo's gin/ links here), so a plain `pip install .`
+# finds experiments/, models/ and sweeps/ too.
+GIN_DIR = os.path.join(os.path.dirname(os.path.abspath(charred.__file__)), 'gin')
 
 
 def rewrite_gin_shorthand(argv: Sequence[str]) -> list[str]:
@@ -32,8 +35,10 @@ _search_paths_added: set[str] = set()
 
 
 def parse(gin_files: Sequence[str], gin_bindings: Sequence[str] = ()) -> None:
-  """Parses files and bindings; the repo's gin/ directory is on the search path."""
-  for path in (GIN_DIR, os.getcwd()):
+  """Parses files and bindings. Names resolve against the working directory, charred's
+  gin/ directory (`experiments/x.gin`) and its parent (`gin/experiments/x.gin`, the
+  README's spelling, from any directory)."""
+  for path in (GIN_DIR, os.path.dirname(GIN_DIR), os.getcwd()):
     if path not in _search_paths_added:
       gin.add_config_file_search_path(path)
       _search_paths_added.add(path)
@@ -59,7 +64,8 @@ def _quiet_root_logger():
 
 
 def _find(path: str) -> bool:
-  return os.path.exists(path) or os.path.exists(os.path.join(GIN_DIR, path))
+  return any(os.path.exists(os.path.join(d, path))
+             for d in ('', GIN_DIR, os.path.dirname(GIN_DIR)))
 
 
 def error_line(e: BaseException) -> str:

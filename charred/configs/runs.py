@@ -11,7 +11,7 @@ import jax
 
 from charred.configs import gin_utils
 from charred.configs.experiment import Experiment
-from charred.models.image_codec import make_codec
+from charred.models.pretrained import make_codec
 from charred.models.text_to_image import TextToImage
 from charred.trainers import checkpoints, trainer
 
@@ -22,6 +22,7 @@ class Run:
   model: TextToImage
   state: trainer.TrainState
   data_state: dict[str, Any]
+  codec: Any  # pixels, or the frozen VAE: built once per run
 
   @property
   def params(self):
@@ -51,4 +52,4 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   abstract = jax.eval_shape(lambda: trainer.create_state(model, experiment.train, tx, codec))
   state, data_state = ckpt.restore(abstract, step)
   ckpt.close()
-  return Run(experiment, model, state, data_state)
+  return Run(experiment, model, state, data_state, codec)

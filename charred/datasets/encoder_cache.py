@@ -1,16 +1,8 @@
 r"""Encoder-output cache: the frozen text encoder and VAE run over a dataset once.
 
-  python -m charred.datasets.encoder_cache --gin_file=EXPERIMENT.gin [--gin.NAME=VALUE] \
-      --out=DIR [--task=NAME] [--split=train] [--examples_per_shard=1000] \
-      [--batch_size=32] [--overwrite]
-  python -m charred.datasets.encoder_cache --workdir=RUN --out=DIR ...
-
-The model comes from the experiment's gin files (its text encoder as a run starts from
-it: `text_encoder_checkpoint`, or the seeded random init; the VAE from
-`autoencoder_path`), or from a training run's workdir (its config.gin and the text
-encoder of its newest checkpoint). `--task` defaults to the experiment's typography task;
-its images must already have the model's image size. Train on the output with
-`experiment.DataConfig.encoder_cache = 'DIR'` (the text encoder must be frozen).
+Written by `python -m charred.cache_encoder` (its docstring has the flags and where the
+model comes from); read by training with `experiment.DataConfig.encoder_cache = 'DIR'`
+(the text encoder must be frozen).
 
 Layout of DIR:
   <split>-00000.array_record   records, `examples_per_shard` each (ArrayRecord:
@@ -37,7 +29,6 @@ import functools
 import hashlib
 import json
 import os
-import sys
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -49,8 +40,8 @@ import numpy as np
 from charred import tokenizer
 from charred.datasets import jxl_shards
 from charred.models.image_codec import LatentCodec
-from charred.models.text_to_image import (TextToImage, TextToImageConfig, init_params,
-                                           load_checkpoints)
+from charred.models.pretrained import load_checkpoints
+from charred.models.text_to_image import TextToImage, TextToImageConfig, init_params
 
 MANIFEST = 'manifest.json'
 EMPTY_CAPTION = 'empty_caption.msgpack'
@@ -414,80 +405,8 @@ class EncoderCache:
                           if got[key].get(k) != want[key].get(k))
           detail = f' (differs in {", ".join(differ)})'
         raise ValueError(f'{self.cache_dir} was written for another {name}{detail}: '
-                         'rewrite it with python -m charred.datasets.encoder_cache.')
+                         'rewrite it with python -m charred.cache_encoder.')
 
   def close(self) -> None:
     if self._source is not None:
       self._source.__exit__(None, None, None)
-
-
-# The command.
-
-
-def _define_flags():
-  """Flags of the command, defined only when it runs: charred.main, which imports this
-  module's reader, defines some of the same names."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_multi_string('gin_file', [], 'Experiment gin files (repeatable).')
-  flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings (repeatable).')
-  flags.DEFINE_string('workdir', None, 'A training run: its config.gin and the text encoder '
-                      'of its newest checkpoint (instead of --gin_file).')
-  flags.DEFINE_string('out', None, 'Output directory.')
-  flags.DEFINE_string('task', None, 'SeqIO task (default: the experiment\'s typography task).')
-  flags.DEFINE_string('split', 'train', 'Split.')
-  flags.DEFINE_integer('examples_per_shard', 1000, 'Records per shard.')
-  flags.DEFINE_integer('batch_size', 32, 'Examples per encoder call.')
-  flags.DEFINE_bool('overwrite', False, 'Delete and replace an existing --out.')
-
-
-def main(argv) -> None:
-  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
-  from charred.configs import gin_utils  # pylint: disable=g-import-not-at-top
-  from charred.datasets import pipeline  # pylint: disable=g-import-not-at-top
-  from charred.models.image_codec import make_codec  # pylint: disable=g-import-not-at-top
-  import gin  # pylint: disable=g-import-not-at-top
-  prog = 'charred.datasets.encoder_cache'
-  flags = absl_flags.FLAGS  # defined by _define_flags
-  try:
-    if len(argv) > 1:
-      raise ValueError(f'unexpected arguments: {argv[1:]}')
-    if not flags.out or bool(flags.workdir) == bool(flags.gin_file):
-      raise ValueError('needs --out and exactly one of --workdir or --gin_file.')
-    if flags.workdir:
-      from charred.configs import runs  # pylint: disable=g-import-not-at-top
-      run = runs.load_run(flags.workdir)
-      experiment, encoder_params = run.experiment, run.state.params['text_encoder']
-      codec = make_codec(experiment.model.pixel_space, experiment.model.autoencoder_path)
-    else:
-      from charred.configs.experiment import Experiment  # pylint: disable=g-import-not-at-top
-      gin_utils.parse(flags.gin_file, flags.gin_bindings)
-      experiment = gin.get_configurable(Experiment)()
-      codec = make_codec(experiment.model.pixel_space, experiment.model.autoencoder_path)
-      encoder_params = initial_text_encoder_params(experiment.model, experiment.train.seed,
-                                                   codec)
-    if experiment.train.train_text_encoder:
-      raise ValueError('the experiment trains its text encoder (TrainConfig.'
-                       'train_text_encoder=True): cached hidden states would go stale.')
-    task = flags.task
-    if not task:
-      pipeline.prepare(experiment.data.builder_config, experiment.data.data_dir)
-      task = pipeline.register_task(experiment.data.builder_config, experiment.data.data_dir)
-    print(f'Encoding {task}:{flags.split} into {flags.out} ...', flush=True)
-    manifest = write_cache(
-        task_examples(task, flags.split, experiment.model.text_length), flags.out,
-        experiment.model, encoder_params, codec, split=flags.split,
-        source=dict(task=task, workdir=flags.workdir, gin_file=flags.gin_file),
-        examples_per_shard=flags.examples_per_shard, batch_size=flags.batch_size,
-        overwrite=flags.overwrite, log=print)
-  except (ValueError, OSError, KeyError) as e:
-    gin_utils.exit_with_error(prog, e)
-  print(f'{manifest["num_records"]} records, {manifest["total_bytes"]:,} bytes; skipped '
-        f'{manifest["skipped"] or "none"}.')
-
-
-if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from charred.configs import gin_utils as _gin_utils  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  sys.argv = _gin_utils.rewrite_gin_shorthand(sys.argv)
-  app.run(main)

@@ -13,7 +13,7 @@ import numpy as np
 from charred import tokenizer
 from charred.models import sampling
 from charred.models import schedulers
-from charred.models.image_codec import make_codec
+from charred.models.image_codec import PixelCodec
 from charred.models.text_to_image import TextToImage
 
 
@@ -27,14 +27,18 @@ class ImageGenerator:
   `scheduler` is a name in `schedulers.SCHEDULERS` (built with `spacing`, and for
   DDPM/DDIM clipping x0 to [-1, 1] in pixel space) or a `schedulers.Scheduler`. Either
   way the model's noise schedule and prediction type replace the scheduler's own.
-  `guidance_rescale` is diffusers' phi (0.7 with a zero-terminal-SNR schedule).
+  `guidance_rescale` is diffusers' phi (0.7 with a zero-terminal-SNR schedule). `codec`
+  defaults to pixels; a latent-space model needs its VAE's.
   """
 
   def __init__(self, model: TextToImage, params, *, num_steps: int = 50,
                guidance_scale: float = 3.0, spacing: str = 'trailing', codec=None,
                scheduler: str | schedulers.Scheduler = 'ddim', guidance_rescale: float = 0.0):
     self.model = model
-    self.codec = codec or make_codec(model.config.pixel_space, model.config.autoencoder_path)
+    if codec is None and not model.config.pixel_space:
+      raise ValueError('a latent-space model needs codec= (its frozen VAE: '
+                       'charred.models.pretrained.make_codec).')
+    self.codec = codec or PixelCodec()
     model.config.check_codec(self.codec)
     if not 0.0 <= guidance_rescale <= 1.0:
       raise ValueError(f'guidance_rescale must be in [0, 1], got {guidance_rescale}.')

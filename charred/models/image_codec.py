@@ -1,5 +1,7 @@
 """Where diffusion happens: pixels (identity codec) or a frozen VAE's latent space.
 
+`charred.models.pretrained.make_codec` builds one from a weights path.
+
 The codec runs outside the differentiated function: its parameters never train, and
 (the original project's mistake) they are not recomputed inside the gradient.
 """
@@ -9,7 +11,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from charred.models import pretrained
 from charred.models.vae import AutoencoderKL, AutoencoderKLConfig
 
 
@@ -54,24 +55,3 @@ class LatentCodec:
   def decode(self, latents):
     return self.module.apply({'params': self.params}, latents / self.config.scaling_factor,
                              method=AutoencoderKL.decode)
-
-
-def load_autoencoder(path: str) -> LatentCodec:
-  """A frozen AutoencoderKL from any folder `pretrained.load_pretrained` reads: diffusers
-  PyTorch (safetensors or .bin) or Flax, a Stable Diffusion repository (its `vae/`), or
-  charred's own format. Raises FileNotFoundError, CheckpointFormatError (unreadable
-  weights) or ParameterMismatchError (weights that do not fit the config), each naming
-  the file or parameter."""
-  module, params = pretrained.load_pretrained(path, component='vae')
-  if not isinstance(module, AutoencoderKL):
-    raise ValueError(f'{path} holds a {type(module).__name__}, not an AutoencoderKL.')
-  return LatentCodec(module.config, params)
-
-
-def make_codec(pixel_space: bool, autoencoder_path: str | None):
-  if pixel_space:
-    return PixelCodec()
-  if not autoencoder_path:
-    raise ValueError('pixel_space=False needs autoencoder_path: an AutoencoderKL folder '
-                     '(diffusers PyTorch or Flax, a Stable Diffusion repository, or charred).')
-  return load_autoencoder(autoencoder_path)

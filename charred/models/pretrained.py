@@ -2,7 +2,8 @@
 
 Formats are detected from the files:
 - charred: `charred_model.json` + an Orbax `params/` directory (what the converter writes);
-- a charred training run: `config.gin` + `checkpoints/` (the EMA text-to-image model);
+- a charred training run: `charred_run.json` (its model config, written by charred.main)
+  + `checkpoints/`: the EMA text-to-image model of the newest checkpoint;
 - diffusers PyTorch (`config.json` + `diffusion_pytorch_model.safetensors` or `.bin`) or
   Flax (`config.json` + `diffusion_flax_model.msgpack`) U-Net or AutoencoderKL folders, and
   Stable Diffusion repositories (`model_index.json` with `unet/` and `vae/`; pick one with
@@ -14,99 +15,27 @@ Formats are detected from the files:
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import os
 import shutil
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from charred.models.convert import core
-from charred.models.t5_encoder import T5Encoder, T5EncoderConfig
-from charred.models.unet import UNet, UNetConfig
-from charred.models.vae import AutoencoderKL, AutoencoderKLConfig
+from charred.models.image_codec import LatentCodec, PixelCodec
+from charred.models.model_kinds import (  # count_parameters: re-exported
+    MODEL_KINDS, config_from_dict, config_to_dict, count_parameters, parameter_shapes)
+from charred.models.t5_encoder import T5EncoderConfig
+from charred.models.text_to_image import TextToImage, TextToImageConfig
+from charred.models.vae import AutoencoderKL
 
 CHARRED_MODEL_FILE = 'charred_model.json'
+RUN_MODEL_FILE = 'charred_run.json'
 FORMAT_VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelKind:
-  module: Callable[[Any], Any]
-  config: type
-  example_inputs: Callable[[Any], tuple]  # config -> arguments for `module.init`
-
-
-def _unet_inputs(c: UNetConfig):
-  width = getattr(c, 'encoder_hid_dim', None) or c.cross_attention_dim
-  return (jnp.zeros((1, c.sample_size, c.sample_size, c.in_channels)), jnp.zeros((1,)),
-          jnp.zeros((1, 8, width)))
-
-
-def _vae_inputs(c: AutoencoderKLConfig):
-  side = 2 * c.downsample_factor
-  return (jnp.zeros((1, side, side, c.in_channels)),)
-
-
-MODEL_KINDS = {
-    'unet': ModelKind(UNet, UNetConfig, _unet_inputs),
-    'autoencoder_kl': ModelKind(AutoencoderKL, AutoencoderKLConfig, _vae_inputs),
-    't5_encoder': ModelKind(T5Encoder, T5EncoderConfig,
-                            lambda c: (jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32))),
-}
-
-
-def parameter_shapes(kind: str, config) -> dict[str, tuple[int, ...]]:
-  """'/'-joined path -> shape of every parameter, computed without allocating any."""
-  return dict(_parameter_shapes(kind, config))
-
-
-@functools.lru_cache(maxsize=32)  # tracing SD 2.1's U-Net takes seconds; configs are frozen.
-def _parameter_shapes(kind: str, config) -> dict[str, tuple[int, ...]]:
-  spec = MODEL_KINDS[kind]
-  shapes = nn.meta.unbox(jax.eval_shape(spec.module(config).init, jax.random.PRNGKey(0),
-                                        *spec.example_inputs(config))['params'])
-  return {k: tuple(v.shape) for k, v in flatten_dict(shapes, sep='/').items()}
-
-
-def count_parameters(kind: str, config) -> int:
-  return sum(int(np.prod(s, dtype=np.int64)) for s in parameter_shapes(kind, config).values())
-
-
-# --- config <-> JSON --------------------------------------------------------------------------
-
-
-def config_to_dict(config) -> dict:
-  out = {}
-  for f in dataclasses.fields(config):
-    value = getattr(config, f.name)
-    if f.name == 'dtype':
-      value = jnp.dtype(value).name
-    elif isinstance(value, tuple):
-      value = list(value)
-    out[f.name] = value
-  return out
-
-
-def config_from_dict(cls, raw: dict):
-  names = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(raw) - names)
-  if unknown:
-    raise ValueError(f'{cls.__name__} has no field(s) {unknown}.')
-  values = {}
-  for k, v in raw.items():
-    if k == 'dtype':
-      v = jnp.dtype(v).type
-    elif isinstance(v, list):
-      v = tuple(v)
-    values[k] = v
-  return cls(**values)
 
 
 # --- charred's own format ---------------------------------------------------------------------
@@ -184,6 +113,99 @@ def read_charred_model(path: str):
   return kind, config, params
 
 
+# --- training runs ---------------------------------------------------------------------------
+
+
+def write_run_model(workdir: str, config: TextToImageConfig) -> None:
+  """Records a run's model config beside its checkpoints, so that its weights load
+  (`load_pretrained(workdir)`) without its gin files or the trainer."""
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, RUN_MODEL_FILE + '.tmp')
+  with open(tmp, 'w') as f:
+    json.dump({'format_version': FORMAT_VERSION, 'kind': 'text_to_image',
+               'config': config_to_dict(config)}, f, indent=2)
+  os.replace(tmp, os.path.join(workdir, RUN_MODEL_FILE))
+
+
+def read_charred_run(workdir: str, step: int | None = None):
+  """(TextToImageConfig, EMA params) of a run's checkpoint `step` (default: newest)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, RUN_MODEL_FILE)) as f:
+    config = config_from_dict(TextToImageConfig, json.load(f)['config'])
+  root = os.path.join(workdir, 'checkpoints')
+  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit())
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint under {root}.')
+  step = steps[-1] if step is None else step
+  # The train state's EMA subtree only, read as numpy: no optimizer state, no trainer.
+  path = os.path.join(root, str(step), 'state')
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(path)
+    tree = getattr(metadata, 'item_metadata', None) or getattr(metadata, 'tree', metadata)
+    tree = tree['ema_params'] if 'ema_params' in tree else None
+    if tree is None:
+      raise ValueError(f'{path}: a checkpoint without ema_params.')
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item={'ema_params': tree}, restore_args={'ema_params': restore_args},
+        partial_restore=True))
+  return config, state['ema_params']
+
+
+# --- initial weights and the codec ------------------------------------------------------------
+
+
+def load_checkpoints(config: TextToImageConfig, params):
+  """`params` with the text encoder and U-Net replaced by their pretrained checkpoints
+  where `config` names them (only the shapes of the replaced parts are read)."""
+  params = dict(params)
+  for part, path in (('text_encoder', config.text_encoder_checkpoint),
+                     ('unet', config.unet_checkpoint)):
+    if path:
+      params[part] = _load_part(path, part, params[part])
+  return params
+
+
+def _load_part(path: str, part: str, initial):
+  """Pretrained parameters for `part`, checked name by name against `initial`."""
+  _, loaded = load_pretrained(path)
+  want = flatten_dict(initial, sep='/')
+  got = flatten_dict(loaded, sep='/')
+  for name, value in want.items():
+    if name not in got or tuple(got[name].shape) != tuple(value.shape):
+      raise ValueError(f'{path}: {part} parameter {name} has shape '
+                       f'{tuple(got[name].shape) if name in got else None}, the model config '
+                       f'needs {tuple(value.shape)}.')
+  extra = sorted(set(got) - set(want))
+  if extra:
+    raise ValueError(f'{path}: {part} parameter {extra[0]} is not in the model config '
+                     f'({len(extra)} extra).')
+  return unflatten_dict({tuple(k.split('/')): jnp.asarray(v, jnp.float32)
+                         for k, v in got.items()})
+
+
+def load_autoencoder(path: str) -> LatentCodec:
+  """A frozen AutoencoderKL from any folder `load_pretrained` reads: diffusers PyTorch
+  (safetensors or .bin) or Flax, a Stable Diffusion repository (its `vae/`), or charred's
+  own format. Raises FileNotFoundError, CheckpointFormatError (unreadable weights) or
+  ParameterMismatchError (weights that do not fit the config), each naming the file or
+  parameter."""
+  module, params = load_pretrained(path, component='vae')
+  if not isinstance(module, AutoencoderKL):
+    raise ValueError(f'{path} holds a {type(module).__name__}, not an AutoencoderKL.')
+  return LatentCodec(module.config, params)
+
+
+def make_codec(pixel_space: bool, autoencoder_path: str | None):
+  """The codec a model config asks for: pixels, or the frozen VAE at `autoencoder_path`."""
+  if pixel_space:
+    return PixelCodec()
+  if not autoencoder_path:
+    raise ValueError('pixel_space=False needs autoencoder_path: an AutoencoderKL folder '
+                     '(diffusers PyTorch or Flax, a Stable Diffusion repository, or charred).')
+  return load_autoencoder(autoencoder_path)
+
+
 # --- detection and loading --------------------------------------------------------------------
 
 
@@ -201,8 +223,11 @@ def detect_format(path: str) -> str:
   has = lambda name: os.path.exists(os.path.join(path, name))
   if has(CHARRED_MODEL_FILE):
     return 'charred'
-  if has('config.gin') and has('checkpoints'):
+  if has(RUN_MODEL_FILE) and has('checkpoints'):
     return 'charred_run'
+  if has('config.gin') and has('checkpoints'):
+    raise ValueError(f'{path}: a charred run without {RUN_MODEL_FILE} (its model config); '
+                     'load it with charred.configs.runs.load_run.')
   if has('model_index.json'):
     return 'diffusers_pipeline'
   if has('checkpoint'):
@@ -253,9 +278,8 @@ def load_pretrained(path: str, component: str | None = None, *,
     kind, config, params = read_charred_model(path)
     return MODEL_KINDS[kind].module(config), params
   if fmt == 'charred_run':
-    from charred.configs import runs  # pylint: disable=g-import-not-at-top
-    run = runs.load_run(path)
-    return run.model, run.params
+    config, params = read_charred_run(path)
+    return TextToImage(config), params
   plan = plan_conversion(path, component, t5_config)
   expected = parameter_shapes(plan.kind, plan.config)
   unused = core.check_plan(plan, expected)

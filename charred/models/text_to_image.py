@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import jax.numpy as jnp
 
@@ -29,7 +28,7 @@ class TextToImageConfig:
   image_size: tuple[int, int] = (64, 64)  # (height, width) of what the U-Net sees.
   # Pixel space (as DeepFloyd IF's first stage): the U-Net denoises RGB images in [-1, 1].
   # Otherwise it denoises the latents of a frozen VAE read from `autoencoder_path`
-  # (any AutoencoderKL `pretrained.load_pretrained` reads: diffusers PyTorch or Flax, charred).
+  # (any AutoencoderKL `charred.models.load_pretrained` reads: diffusers PyTorch or Flax, charred).
   pixel_space: bool = True
   autoencoder_path: str | None = None
   # The U-Net sees non-overlapping p x p patches stacked into channels (space-to-depth, as
@@ -123,42 +122,11 @@ def depth_to_space(x, p: int):
 
 
 def init_params(model: TextToImage, rng: jax.Array, codec, batch_size: int = 1):
-  """Parameters for `model`: initialised from `rng`, then the text encoder and U-Net
-  replaced by their pretrained checkpoints where the config names them."""
+  """Randomly initialised parameters for `model` (`charred.models.pretrained.
+  load_checkpoints` then replaces the parts the config names checkpoints for)."""
   c = model.config
   x = jnp.zeros((batch_size,) + c.diffusion_shape(codec), jnp.float32)
   tokens = jnp.ones((batch_size, c.text_length), jnp.int32)
   t = jnp.zeros((batch_size,), jnp.int32)
   # Parameters carry logical axis names (for sharding); training wants plain arrays.
-  params = nn.meta.unbox(model.init(rng, x, t, tokens, jnp.ones_like(tokens))['params'])
-  return load_checkpoints(c, params)
-
-
-def load_checkpoints(config: TextToImageConfig, params):
-  """`params` with the text encoder and U-Net replaced by their pretrained checkpoints
-  where `config` names them (only the shapes of the replaced parts are read)."""
-  params = dict(params)
-  for part, path in (('text_encoder', config.text_encoder_checkpoint),
-                     ('unet', config.unet_checkpoint)):
-    if path:
-      params[part] = _load_part(path, part, params[part])
-  return params
-
-
-def _load_part(path: str, part: str, initial):
-  """Pretrained parameters for `part`, checked name by name against `initial`."""
-  from charred.models import pretrained  # pylint: disable=g-import-not-at-top
-  _, loaded = pretrained.load_pretrained(path)
-  want = flatten_dict(initial, sep='/')
-  got = flatten_dict(loaded, sep='/')
-  for name, value in want.items():
-    if name not in got or tuple(got[name].shape) != tuple(value.shape):
-      raise ValueError(f'{path}: {part} parameter {name} has shape '
-                       f'{tuple(got[name].shape) if name in got else None}, the model config '
-                       f'needs {tuple(value.shape)}.')
-  extra = sorted(set(got) - set(want))
-  if extra:
-    raise ValueError(f'{path}: {part} parameter {extra[0]} is not in the model config '
-                     f'({len(extra)} extra).')
-  return unflatten_dict({tuple(k.split('/')): jnp.asarray(v, jnp.float32)
-                         for k, v in got.items()})
+  return nn.meta.unbox(model.init(rng, x, t, tokens, jnp.ones_like(tokens))['params'])

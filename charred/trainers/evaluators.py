@@ -22,7 +22,7 @@ from charred import tokenizer
 from charred.evaluation import attention_maps, grid, text_metrics
 from charred.evaluation.ocr import OcrReader
 from charred.models.generation import ImageGenerator
-from charred.models.image_codec import make_codec
+from charred.models.pretrained import make_codec
 from charred.models.text_to_image import TextToImage
 
 Evaluator = Callable[[int, Any, Any], Mapping[str, float]]
@@ -140,12 +140,12 @@ class TextRenderingEvaluator:
   """
 
   def __init__(self, model: TextToImage, targets: Sequence[RenderingTarget], workdir: str,
-               config: SampleEvalConfig, ocr: OcrReader | None = None):
+               config: SampleEvalConfig, ocr: OcrReader | None = None, codec=None):
     self.targets = list(targets)[:config.num_prompts]
     self.config = config
     self.sample_dir = os.path.join(workdir, 'samples')
     self.generator = ImageGenerator(model, None, num_steps=config.num_steps,
-                                    guidance_scale=config.guidance_scale)
+                                    guidance_scale=config.guidance_scale, codec=codec)
     self.ocr = ocr or OcrReader()
 
   def attention_picture(self, params, images: np.ndarray) -> np.ndarray:

@@ -22,9 +22,8 @@ import optax
 from charred import tokenizer
 from charred.models import diffusion
 from charred.models import preprocess as preprocess_lib
-from charred.models.image_codec import make_codec
-from charred.models.text_to_image import (TextToImage, TextToImageConfig, init_params,
-                                           load_checkpoints)
+from charred.models.pretrained import load_checkpoints, make_codec
+from charred.models.text_to_image import TextToImage, TextToImageConfig, init_params
 from charred.trainers import checkpoints, losses, optimizer as optimizer_lib
 from charred.trainers import distributed, monitoring
 from charred.trainers import partitioning
@@ -378,7 +377,10 @@ def raise_if_nonfinite(metrics, step: int) -> None:
 
 
 def create_state(model: TextToImage, config: TrainConfig, tx, codec) -> TrainState:
-  return state_from_params(init_params(model, jax.random.PRNGKey(config.seed), codec), tx)
+  """The initial state: random parameters from `config.seed`, with the parts the model
+  config names checkpoints for loaded from them."""
+  params = init_params(model, jax.random.PRNGKey(config.seed), codec)
+  return state_from_params(load_checkpoints(model.config, params), tx)
 
 
 def state_from_params(params, tx) -> TrainState:
@@ -388,7 +390,7 @@ def state_from_params(params, tx) -> TrainState:
 
 
 def _without_checkpoints(model: TextToImage) -> TextToImage:
-  """The same model, randomly initialised (init_params loads no pretrained part)."""
+  """The same model without checkpoint paths: create_state loads no pretrained part."""
   c = model.config
   if not (c.text_encoder_checkpoint or c.unet_checkpoint):
     return model
@@ -460,16 +462,17 @@ def jit_train_step(model: TextToImage, config: TrainConfig, tx, codec, state: Tr
 
 def train(workdir: str, model_config: TextToImageConfig, config: TrainConfig,
           batches: BatchesFn, evaluators: Sequence[Any] = (),
-          log: Callable[[str], None] = print, empty_context=None) -> TrainState:
+          log: Callable[[str], None] = print, empty_context=None, codec=None) -> TrainState:
   """Trains to `config.train_steps`, resuming from `workdir/checkpoints` if present.
 
   `evaluators`: `evaluators.PeriodicEvaluator`s (or anything with a `name` and that call
   signature), called after every step with the EMA params.
   `empty_context`: with batches from an encoder cache, its empty caption's hidden states
-  (see train_step).
+  (see train_step). `codec`: the model's (default: built from its config).
   """
   model = TextToImage(model_config)
-  codec = make_codec(model_config.pixel_space, model_config.autoencoder_path)
+  if codec is None:
+    codec = make_codec(model_config.pixel_space, model_config.autoencoder_path)
   model_config.check_codec(codec)
   tx = make_tx(config)
   pconfig = config.partitioning

@@ -46,7 +46,7 @@ class Rule:
 @dataclasses.dataclass
 class ConversionPlan:
   """Everything needed to convert one model: what it is, where each parameter comes from."""
-  kind: str  # a key of charred.models.pretrained.MODEL_KINDS
+  kind: str  # a key of charred.models.model_kinds.MODEL_KINDS
   config: Any  # the charred config dataclass of that kind
   source: dict[str, LazyTensor]
   rules: dict[str, Rule]  # '/'-joined charred parameter path -> Rule

@@ -25,7 +25,7 @@ import flax.linen as nn
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from charred.models import pretrained
+from charred.models import model_kinds
 from charred.models.convert import core, sources
 from charred.models.unet import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, UNetConfig
 from charred.models.vae import AutoencoderKLConfig
@@ -344,7 +344,7 @@ def plan_diffusers(path: str) -> core.ConversionPlan:
     raw = json.load(f)
   kind, config = config_from_diffusers(raw, config_path)
   fmt, tensors, origin = _open_weights(path)
-  expected = pretrained.parameter_shapes(kind, config)
+  expected = model_kinds.parameter_shapes(kind, config)
   rules = {}
   for p, shape in expected.items():
     if fmt == 'flax':
@@ -374,7 +374,7 @@ def export_diffusers(kind: str, config, params, out_dir: str, *,
     raise ValueError(f'export_diffusers: kind {kind!r} is not a diffusers model; expected one '
                      f'of {sorted(_TO_DIFFUSERS)}.')
   raw = _TO_DIFFUSERS[kind](config)
-  expected = pretrained.parameter_shapes(kind, config)
+  expected = model_kinds.parameter_shapes(kind, config)
   flat = flatten_dict(nn.meta.unbox(params), sep='/')
   for p, shape in expected.items():
     got = flat.get(p)

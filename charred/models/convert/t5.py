@@ -183,8 +183,8 @@ def plan_t5x(path: str, config: T5EncoderConfig | None = None) -> core.Conversio
   root = _t5x_root(source, path)
   if config is None:
     config = infer_t5x_config(source, path)
-  from charred.models import pretrained  # pylint: disable=g-import-not-at-top
-  expected = pretrained.parameter_shapes(KIND, config)
+  from charred.models import model_kinds  # pylint: disable=g-import-not-at-top
+  expected = model_kinds.parameter_shapes(KIND, config)
   # charred's parameter paths are t5x's under the root.
   rules = {name: core.Rule(root + name) for name in expected}
   kept = (f'{root}encoder/', f'{root}token_embedder/')

@@ -4,8 +4,8 @@
       --workdir=runs/text_rendering_ablation [--parallel=2]
 
 Every trial is `typography_tiny` at half its budget (2,000 steps of 16, seed 0) with one
-change, scored by `charred.evaluate` on the 300 held-out words (50 DDIM steps, guidance
-3). The reference row, the default itself at 2,000 steps, is the first trial. About 15
+change, scored by `charred.evaluate` on the 300 held-out words (50 DDIM steps, at the
+run's own guidance: 1.0 since the default sets it). The reference row, the default itself at 2,000 steps, is the first trial. About 15
 minutes a trial on a 2-core CPU, two at a time. docs/text_rendering.md holds the table.
 """
 
