@@ -24,16 +24,21 @@ from absl import flags
 from charred.configs import gin_utils
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string('gin_file', [], 'Experiment gin files (repeatable).')
-flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings (repeatable).')
-flags.DEFINE_string('workdir', None, 'A training run: its config.gin and the text encoder '
-                    'of its newest checkpoint (instead of --gin_file).')
-flags.DEFINE_string('out', None, 'Output directory.')
-flags.DEFINE_string('task', None, 'SeqIO task (default: the experiment\'s typography task).')
-flags.DEFINE_string('split', 'train', 'Split.')
-flags.DEFINE_integer('examples_per_shard', 1000, 'Records per shard.')
-flags.DEFINE_integer('batch_size', 32, 'Examples per encoder call.')
-flags.DEFINE_bool('overwrite', False, 'Delete and replace an existing --out.')
+
+
+def define_flags() -> None:
+  """Defined only when the command runs, so that this module imports beside charred.main
+  and charred.evaluate (which define some of the same names)."""
+  flags.DEFINE_multi_string('gin_file', [], 'Experiment gin files (repeatable).')
+  flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings (repeatable).')
+  flags.DEFINE_string('workdir', None, 'A training run: its config.gin and the text encoder '
+                      'of its newest checkpoint (instead of --gin_file).')
+  flags.DEFINE_string('out', None, 'Output directory.')
+  flags.DEFINE_string('task', None, "SeqIO task (default: the experiment's typography task).")
+  flags.DEFINE_string('split', 'train', 'Split.')
+  flags.DEFINE_integer('examples_per_shard', 1000, 'Records per shard.')
+  flags.DEFINE_integer('batch_size', 32, 'Examples per encoder call.')
+  flags.DEFINE_bool('overwrite', False, 'Delete and replace an existing --out.')
 
 
 def main(argv) -> None:
@@ -83,5 +88,6 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   sys.argv = gin_utils.rewrite_gin_shorthand(sys.argv)
   app.run(main)

@@ -36,6 +36,14 @@ def test_cache_encoder_needs_exactly_one_model_source(tmp_path):
   assert not (tmp_path / 'cache').exists()
 
 
+def test_entry_points_import_together():
+  """A launcher (or a test) may import every command in one process: no duplicate flags."""
+  proc = subprocess.run(
+      [sys.executable, '-c', 'import charred.main, charred.evaluate, charred.sample, '
+       'charred.sweep, charred.cache_encoder'], capture_output=True, text=True, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-500:]
+
+
 def test_load_pretrained_reads_a_run_without_its_gin_files(micro_run):
   import charred.models  # pylint: disable=import-outside-toplevel
   module, params = charred.models.load_pretrained(micro_run)
