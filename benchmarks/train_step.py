@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from charred.models.diffusion_model import DiffusionModel, ObjectiveConfig
 from charred.models.t5_encoder import T5EncoderConfig
-from charred.models.text_to_image import TextToImage, TextToImageConfig
+from charred.models.text_to_image import TextToImageConfig
 from charred.models.unet import UNetConfig
 from charred.trainers import monitoring, optimizer, partitioning, trainer
 from unet_step import median_seconds  # benchmarks/: the same timing, the same small U-Net
@@ -85,8 +86,8 @@ def experiment_from_gin(gin_file: str, bindings):
   from charred.models.pretrained import make_codec  # pylint: disable=g-import-not-at-top
   experiment = load_experiment([gin_file], bindings)
   model_config = experiment.model
-  return model_config, experiment.train, make_codec(model_config.pixel_space,
-                                                    model_config.autoencoder_path)
+  codec = make_codec(model_config.pixel_space, model_config.autoencoder_path)
+  return DiffusionModel(model_config, experiment.objective, codec), experiment.train
 
 
 def builtin_experiment(name: str, batch: int, dtype: str):
@@ -96,9 +97,10 @@ def builtin_experiment(name: str, batch: int, dtype: str):
                                    text_length=spec['text_length'],
                                    image_size=spec['image_size'], pixel_space=False)
   train_config = trainer.TrainConfig(
-      train_steps=10**6, batch_size=batch or spec['batch'], train_text_encoder=False,
+      train_steps=10**6, batch_size=batch or spec['batch'],
       optimizer=optimizer.OptimizerConfig(learning_rate=1e-4, warmup_steps=0))
-  return model_config, train_config, CachedLatents()
+  objective = ObjectiveConfig(train_text_encoder=False)
+  return DiffusionModel(model_config, objective, CachedLatents()), train_config
 
 
 def make_batch(model_config: TextToImageConfig, codec, batch_size: int, cached_context: bool,
@@ -119,14 +121,13 @@ def make_batch(model_config: TextToImageConfig, codec, batch_size: int, cached_c
   return batch
 
 
-def bench_charred(model_config, train_config, codec, batch, iters, warmup):
-  model = TextToImage(model_config)
-  tx = trainer.make_tx(train_config)
+def bench_charred(model: DiffusionModel, train_config, batch, iters, warmup):
+  tx = trainer.make_tx(train_config, model.frozen)
   mesh = partitioning.make_mesh(train_config.partitioning)
   rules = train_config.partitioning.rules
   batch_sharding = partitioning.batch_sharding(mesh, rules)
-  state = trainer.create_sharded_state(model, train_config, tx, codec, mesh, rules)
-  step_fn = trainer.jit_train_step(model, train_config, tx, codec, state, batch_sharding)
+  state = trainer.create_sharded_state(model, train_config, tx, mesh, rules)
+  step_fn = trainer.jit_train_step(model, train_config, tx, state, batch_sharding)
   batch = partitioning.global_batch(batch, batch_sharding, 1)
   rng = np.asarray(jax.random.PRNGKey(1))
   flops = monitoring.step_flops(step_fn, state, batch, rng)
@@ -205,20 +206,21 @@ def main():
   torch.set_num_threads(os.cpu_count())
 
   if args.gin_file:
-    model_config, train_config, codec = experiment_from_gin(args.gin_file, args.gin_bindings)
+    model, train_config = experiment_from_gin(args.gin_file, args.gin_bindings)
     if args.batch:
       train_config = dataclasses.replace(train_config, batch_size=args.batch)
     name = args.gin_file
   else:
-    model_config, train_config, codec = builtin_experiment(args.config, args.batch, args.dtype)
+    model, train_config = builtin_experiment(args.config, args.batch, args.dtype)
     name = args.config
   batch_size = train_config.batch_size
-  cached_context = not train_config.train_text_encoder and not args.gin_file
+  model_config, codec = model.config, model.codec
+  cached_context = not model.objective.train_text_encoder and not args.gin_file
   batch = make_batch(model_config, codec, batch_size, cached_context,
                      np.random.default_rng(0))
 
   seconds, flops, unet_params, num_unet = bench_charred(
-      model_config, train_config, codec, batch, args.iters, args.warmup)
+      model, train_config, batch, args.iters, args.warmup)
   device = jax.devices()[0]
   peak, basis = args.peak_flops, 'given (--peak_flops)'
   if peak is None and device.platform != 'cpu':

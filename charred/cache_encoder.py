@@ -59,7 +59,7 @@ def main(argv) -> None:
       from charred.configs import runs  # pylint: disable=g-import-not-at-top
       run = runs.load_run(flags.workdir)
       experiment, encoder_params = run.experiment, run.state.params['text_encoder']
-      codec = run.codec
+      codec = run.model.codec
     else:
       from charred.configs.experiment import Experiment  # pylint: disable=g-import-not-at-top
       gin_utils.parse(flags.gin_file, flags.gin_bindings)
@@ -67,8 +67,8 @@ def main(argv) -> None:
       codec = make_codec(experiment.model.pixel_space, experiment.model.autoencoder_path)
       encoder_params = initial_text_encoder_params(experiment.model, experiment.train.seed,
                                                    codec)
-    if experiment.train.train_text_encoder:
-      raise ValueError('the experiment trains its text encoder (TrainConfig.'
+    if experiment.objective.train_text_encoder:
+      raise ValueError('the experiment trains its text encoder (ObjectiveConfig.'
                        'train_text_encoder=True): cached hidden states would go stale.')
     task = flags.task
     if not task:

@@ -46,7 +46,7 @@ def main(argv):
   from charred.evaluation import grid, text_metrics  # pylint: disable=g-import-not-at-top
   from charred.evaluation.ocr import OcrReader  # pylint: disable=g-import-not-at-top
   from charred.models import schedulers  # pylint: disable=g-import-not-at-top
-  from charred.models.generation import ImageGenerator, PromptTooLongError  # pylint: disable=g-import-not-at-top
+  from charred.models.generation import PromptTooLongError  # pylint: disable=g-import-not-at-top
   from charred.trainers import evaluators  # pylint: disable=g-import-not-at-top
   if not sf.WORKDIR.value:
     gin_utils.exit_with_error('charred.evaluate', ValueError('--workdir is required.'))
@@ -65,7 +65,7 @@ def main(argv):
       prompts = [t['prompt'] for t in targets]
       texts = [t['text'] for t in targets]
       buckets = [t['bucket'] for t in targets]
-    generator = ImageGenerator(run.model, run.params, codec=run.codec,
+    generator = run.model.generator(run.params,
                                **sf.generator_kwargs(run.experiment.sample_eval.guidance_scale))
     images = generator(prompts, seed=sf.SEED.value, batch_size=_BATCH.value)
   except (PromptTooLongError, FileNotFoundError, ValueError) as e:

@@ -75,8 +75,8 @@ def write_config(workdir: str) -> None:
   os.replace(path + '.tmp', path)
 
 
-def make_batches(data, model, train, shard_index: int, shard_count: int, make_iterator,
-                 codec):
+def make_batches(data, model, objective, train, shard_index: int, shard_count: int,
+                 make_iterator, codec):
   """(start_batch -> this process's training batches, the empty caption's cached hidden
   states or None), from the typography task (`make_iterator`), JPEG XL shards in buckets,
   or an encoder cache, as `data` says."""
@@ -84,7 +84,7 @@ def make_batches(data, model, train, shard_index: int, shard_count: int, make_it
   if data.encoder_cache:  # cached encoder outputs instead of raw training data
     from charred.datasets import encoder_cache  # pylint: disable=g-import-not-at-top
     cache = encoder_cache.EncoderCache(data.encoder_cache)
-    cache.check_model(model, train, encoder_cache.initial_text_encoder_params(
+    cache.check_model(model, objective, train, encoder_cache.initial_text_encoder_params(
         model, train.seed, codec), codec)
     return (lambda start_batch: cache.batches(rows, start_batch, seed=data.seed,
                                               shard_index=shard_index,
@@ -135,29 +135,26 @@ def run(workdir: str, experiment: Experiment) -> bool:
   codec = pretrained.make_codec(model.pixel_space, model.autoencoder_path)  # the one VAE load
   if jax.process_index() == 0:
     pretrained.write_run_model(workdir, model)  # load_pretrained(workdir) needs no gin
-  batches, empty_context = make_batches(data, model, train, shard_index, shard_count,
-                                        make_iterator=make_iterator, codec=codec)
-
-  from charred.models.text_to_image import TextToImage  # pylint: disable=g-import-not-at-top
+  batches, empty_context = make_batches(data, model, experiment.objective, train, shard_index,
+                                        shard_count, make_iterator=make_iterator, codec=codec)
+  diffusion_model = experiment_lib.build_model(experiment, codec, empty_context)
 
   # Built on first use: an evaluator that never runs reads no data and compiles nothing.
   def validation_loss():
     held_out = experiment_lib.typography_batches(
         data, 'validation', train.batch_size, model.text_length, tokenizer=text_tokenizer,
         shuffle=False, repeat=False)
-    return evaluators.ValidationLossEvaluator(TextToImage(model), train, held_out,
-                                              experiment.validation, codec=codec)
+    return evaluators.ValidationLossEvaluator(diffusion_model, held_out, experiment.validation)
 
   def text_rendering():
     targets = [evaluators.RenderingTarget(**t)
                for t in experiment_lib.rendering_targets(data, 'validation')]
-    return evaluators.TextRenderingEvaluator(TextToImage(model), targets, workdir,
-                                             experiment.sample_eval, codec=codec)
+    return evaluators.TextRenderingEvaluator(diffusion_model, targets, workdir,
+                                             experiment.sample_eval)
 
-  state = trainer.train(workdir, model, train, batches, evaluators=[
+  state = trainer.train(workdir, diffusion_model, train, batches, evaluators=[
       evaluators.PeriodicEvaluator('validation', experiment.validation.every, validation_loss),
-      evaluators.PeriodicEvaluator('text_rendering', train.eval_every, text_rendering)],
-                        empty_context=empty_context, codec=codec)
+      evaluators.PeriodicEvaluator('text_rendering', train.eval_every, text_rendering)])
   return int(state.step) >= train.train_steps
 
 

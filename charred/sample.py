@@ -28,13 +28,13 @@ def main(argv):
   from charred.configs import runs  # pylint: disable=g-import-not-at-top
   from charred.evaluation import grid  # pylint: disable=g-import-not-at-top
   from charred.models import schedulers  # pylint: disable=g-import-not-at-top
-  from charred.models.generation import ImageGenerator, PromptTooLongError  # pylint: disable=g-import-not-at-top
+  from charred.models.generation import PromptTooLongError  # pylint: disable=g-import-not-at-top
   if not sf.WORKDIR.value or _PROMPT.value is None:
     gin_utils.exit_with_error('charred.sample', ValueError('--workdir and --prompt are required.'))
   try:
     schedulers.lookup(sf.SCHEDULER.value)  # a bad name fails before the run loads
     run = runs.load_run(sf.WORKDIR.value, sf.CHECKPOINT_STEP.value)
-    generator = ImageGenerator(run.model, run.params, codec=run.codec,
+    generator = run.model.generator(run.params,
                                **sf.generator_kwargs(run.experiment.sample_eval.guidance_scale))
     images = generator([_PROMPT.value] * _NUM_IMAGES.value, seed=sf.SEED.value)
   except (PromptTooLongError, FileNotFoundError, ValueError) as e:

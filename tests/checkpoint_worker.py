@@ -22,6 +22,7 @@ import numpy as np
 
 from charred import tokenizer
 from charred.models import diffusion
+from charred.models.diffusion_model import DiffusionModel
 from charred.models.t5_encoder import T5EncoderConfig
 from charred.models.text_to_image import TextToImageConfig
 from charred.models.unet import UNetConfig
@@ -47,7 +48,7 @@ def model_config() -> TextToImageConfig:
 def train_config(train_steps: int, checkpoint_every: int) -> trainer.TrainConfig:
   return trainer.TrainConfig(
       train_steps=train_steps, batch_size=BATCH_SIZE, log_every=10**6,
-      checkpoint_every=checkpoint_every, keep_checkpoints=None,
+      checkpointing=checkpoints.CheckpointConfig(every=checkpoint_every, keep=None),
       optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=2),
       monitoring=MonitoringConfig(tensorboard=False, count_flops=False))
 
@@ -69,7 +70,7 @@ def batches(start: int):
 
 
 def train(workdir: str, train_steps: str, checkpoint_every: str):
-  trainer.train(workdir, model_config(), train_config(int(train_steps), int(checkpoint_every)),
+  trainer.train(workdir, DiffusionModel(model_config()), train_config(int(train_steps), int(checkpoint_every)),
                 batches, log=lambda line: print(line, flush=True))
 
 

@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from charred.models import diffusion
+from charred.models.diffusion_model import DiffusionModel, ObjectiveConfig
 from charred.models.t5_encoder import T5EncoderConfig
 from charred.models.text_to_image import TextToImageConfig
 from charred.models.unet import UNetConfig
@@ -76,8 +77,8 @@ def nano_model():
 
 def train_config(data: int, fsdp: int, tensor: int):
   return trainer.TrainConfig(
-      train_steps=STEPS, batch_size=BATCH, caption_dropout=0.25, log_every=1000,
-      checkpoint_every=1000,  # and at the last step
+      train_steps=STEPS, batch_size=BATCH, log_every=1000,
+      checkpointing=checkpoints.CheckpointConfig(every=1000),  # and at the last step
       # SGD: updates proportional to the gradients. (Adam moves every weight by about the
       # learning rate however small its gradient, so the float noise of a near-zero
       # gradient, which differs with the summation order of each mesh, becomes a
@@ -117,7 +118,8 @@ def _device0_fraction(tree) -> float:
 
 
 def _train(workdir, config, batch):
-  return trainer.train(workdir, nano_model(), config, lambda start: iter(lambda: batch, None),
+  model = DiffusionModel(nano_model(), ObjectiveConfig(caption_dropout=0.25))
+  return trainer.train(workdir, model, config, lambda start: iter(lambda: batch, None),
                        log=lambda s: None)
 
 

@@ -10,11 +10,11 @@ import numpy as np
 from charred.trainers import trainer
 
 
-def random_state(model, config, tx, codec, seed: int = 0) -> trainer.TrainState:
+def random_state(model, config, tx, seed: int = 0) -> trainer.TrainState:
   """A train state with random parameters at the usual scales: kernels and embeddings
   N(0, 1 / fan_in), norm scales 1 + N(0, 0.1^2), biases N(0, 0.1^2)."""
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: trainer.create_state(model, config, tx, codec)).params
+  shapes = trainer.abstract_state(model, config, tx).params
 
   def draw(path, s):
     x, name = rng.standard_normal(s.shape), jax.tree_util.keystr(path)

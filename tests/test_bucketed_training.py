@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from charred.datasets import bucketing, jxl_shards
+from charred.models.diffusion_model import DiffusionModel, ObjectiveConfig
 from charred.trainers import monitoring, trainer
+from charred.trainers.checkpoints import CheckpointConfig
 from charred.trainers.optimizer import OptimizerConfig
 from test_trainer import micro_model
 
@@ -33,8 +35,8 @@ def _write_shards(out_dir):
 def test_resume_restores_the_bucketed_iterator_exactly(tmp_path):
   shards = str(tmp_path / 'shards')
   _write_shards(shards)
-  config = trainer.TrainConfig(train_steps=8, batch_size=4, checkpoint_every=3,
-                               keep_checkpoints=None, log_every=100, async_checkpoints=False,
+  config = trainer.TrainConfig(train_steps=8, batch_size=4, checkpointing=CheckpointConfig(
+                                   every=3, keep=None, asynchronous=False), log_every=100,
                                optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=1),
                                monitoring=monitoring.MonitoringConfig(tensorboard=False,
                                                                       count_flops=False))
@@ -44,8 +46,8 @@ def test_resume_restores_the_bucketed_iterator_exactly(tmp_path):
     return bucketing.BucketedBatches(shards, 4, BUCKETS, seed=3, num_threads=1,
                                      process_index=0, process_count=1)
 
-  straight = trainer.train(str(tmp_path / 'straight'), micro_model(), config, batches,
-                           log=lambda s: None)
+  straight = trainer.train(str(tmp_path / 'straight'), DiffusionModel(micro_model()), config,
+                           batches, log=lambda s: None)
   # The same run, resumed from its step-3 checkpoint.
   resumed_dir = tmp_path / 'resumed'
   os.makedirs(resumed_dir / 'checkpoints')
@@ -57,7 +59,8 @@ def test_resume_restores_the_bucketed_iterator_exactly(tmp_path):
     next(probe)
   assert probe.get_state() != batches(0).get_state()  # else the test proves nothing
   logs = []
-  resumed = trainer.train(str(resumed_dir), micro_model(), config, batches, log=logs.append)
+  resumed = trainer.train(str(resumed_dir), DiffusionModel(micro_model()), config, batches,
+                          log=logs.append)
   assert any(line.startswith('Resumed from step 3') for line in logs), logs
   assert int(resumed.step) == int(straight.step) == 8
   for a, b in zip(jax.tree_util.tree_leaves((straight.params, straight.opt_state)),
@@ -73,7 +76,8 @@ def test_main_reads_shards_in_buckets_when_configured(tmp_path):
   train = trainer.TrainConfig(train_steps=8, batch_size=8)
   data = DataConfig(shards=shards, buckets=BUCKETS)
   # Process 1 of 2 reads rows 4..7 of every global batch of 8.
-  batches, empty_context = main.make_batches(data, micro_model(), train, 1, 2,
+  objective = ObjectiveConfig()
+  batches, empty_context = main.make_batches(data, micro_model(), objective, train, 1, 2,
                                              make_iterator=None, codec=None)
   assert empty_context is None
   it = batches(0)
@@ -85,5 +89,5 @@ def test_main_reads_shards_in_buckets_when_configured(tmp_path):
     assert list(mine['caption']) == list(everything['caption'][4:])
   too_long = DataConfig(shards=shards, buckets=bucketing.BucketConfig(text_lengths=(64,)))
   with pytest.raises(ValueError, match='text_length'):
-    main.make_batches(too_long, micro_model(), train, 0, 1, make_iterator=None,
+    main.make_batches(too_long, micro_model(), objective, train, 0, 1, make_iterator=None,
                       codec=None)

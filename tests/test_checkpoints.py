@@ -73,8 +73,8 @@ def test_keep_all_and_bad_policies(tmp_path):
   assert step_dirs(tmp_path) == [1, 2, 3, 4, 5]
   with pytest.raises(ValueError, match='max_to_keep must be None or an integer >= 1'):
     checkpoints.Checkpointer(str(tmp_path), max_to_keep=0)
-  with pytest.raises(ValueError, match='multiple of checkpoint_every'):
-    trainer.TrainConfig(train_steps=10, batch_size=1, checkpoint_every=4, keep_every=6)
+  with pytest.raises(ValueError, match=r'multiple of every \(4\)'):
+    checkpoints.CheckpointConfig(every=4, keep_every=6)
   with pytest.raises(ValueError, match='opened read-only'):
     checkpoints.Checkpointer(str(tmp_path), read_only=True).save(small_state(6), {})
 

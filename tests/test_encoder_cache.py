@@ -16,6 +16,7 @@ import step_fixtures
 from charred import tokenizer
 from charred.datasets import encoder_cache
 from charred.models import diffusion
+from charred.models.diffusion_model import DiffusionModel, ObjectiveConfig
 from charred.models.pretrained import make_codec
 from charred.models.t5_encoder import T5EncoderConfig
 from charred.models.text_to_image import TextToImage, TextToImageConfig
@@ -49,11 +50,11 @@ def raw_examples():
 def setup(tmp_path_factory):
   model_config = latent_model()
   codec = make_codec(False, VAE_DIR)
-  config = trainer.TrainConfig(train_steps=1, batch_size=4, caption_dropout=0.5,
-                               train_text_encoder=False)
-  model = TextToImage(model_config)
-  tx = trainer.make_tx(config)
-  state = step_fixtures.random_state(model, config, tx, codec)
+  config = trainer.TrainConfig(train_steps=1, batch_size=4)
+  model = DiffusionModel(model_config, ObjectiveConfig(caption_dropout=0.5,
+                                                       train_text_encoder=False), codec)
+  tx = trainer.make_tx(config, model.frozen)
+  state = step_fixtures.random_state(model, config, tx)
   out = str(tmp_path_factory.mktemp('cache') / 'train')
   manifest = encoder_cache.write_cache(raw_examples(), out, model_config,
                                        state.params['text_encoder'], codec,
@@ -74,7 +75,7 @@ def test_records_hold_the_encoders_outputs(setup):
   # The hidden states: the encoder's, rounded to bfloat16 (8 significant bits) where the
   # mask is 1, zeros on padding.
   params = setup['state'].params
-  direct = np.asarray(setup['model'].apply({'params': params}, tokens, mask,
+  direct = np.asarray(setup['model'].module.apply({'params': params}, tokens, mask,
                                            method=TextToImage.encode_text))
   got = batch['text_context']
   assert got.dtype == np.float32 and got.shape == (8, 16, 16)
@@ -88,7 +89,7 @@ def test_records_hold_the_encoders_outputs(setup):
   np.testing.assert_allclose(batch['latent_logvar'], logvar, rtol=1e-5, atol=1e-5)
   # The empty caption, stored once.
   empty_tokens, empty_mask = tokenizer.encode_batch([''], 16)
-  empty = np.asarray(setup['model'].apply({'params': params}, empty_tokens, empty_mask,
+  empty = np.asarray(setup['model'].module.apply({'params': params}, empty_tokens, empty_mask,
                                           method=TextToImage.encode_text))[0]
   np.testing.assert_allclose(cache.empty_context[0], empty[0], rtol=2.0**-8)
   assert np.all(cache.empty_context[1:] == 0)
@@ -124,7 +125,7 @@ def test_cached_and_raw_paths_give_the_same_loss(setup):
   raw = dict(image=np.stack([e['image'] for e in examples]).astype(np.float32) / 127.5 - 1,
              text_tokens=cached['text_tokens'], text_mask=cached['text_mask'])
   rng = jax.random.PRNGKey(2)
-  dropped = np.asarray(trainer.caption_drop_mask(s['config'], jax.random.fold_in(rng, 0), 0, 4))
+  dropped = np.asarray(s['model'].caption_drop_mask(jax.random.fold_in(rng, 0), 0, 4))
   assert 0 < dropped.sum() < 4, dropped  # both kinds of example in the batch
   # The posterior sample: what the codec draws from the images, with the same key.
   key = jax.random.PRNGKey(5)
@@ -133,8 +134,9 @@ def test_cached_and_raw_paths_give_the_same_loss(setup):
       s['codec'].encode(raw['image'][:1], key), rtol=1e-4, atol=1e-5)
 
   step = functools.partial(trainer.train_step, model=s['model'], config=s['config'],
-                           tx=s['tx'], codec=s['codec'])
-  cached_step = functools.partial(step, empty_context=cache.empty_context)
+                           tx=s['tx'])
+  cached_step = functools.partial(trainer.train_step, config=s['config'], tx=s['tx'],
+                                  model=s['model'].replace(empty_context=cache.empty_context))
   keys = ('text_tokens', 'text_mask', 'text_context', 'latent_mean', 'latent_logvar')
   batch = {k: cached[k] for k in keys}
   rotated = dict(batch, text_context=np.roll(batch['text_context'], 1, axis=0))
@@ -151,23 +153,24 @@ def test_another_text_encoder_or_vae_is_refused(setup, tmp_path):
   s = setup
   cache = encoder_cache.EncoderCache(s['out'])
   params = s['state'].params['text_encoder']
-  cache.check_model(s['model_config'], s['config'], params, s['codec'])  # the writer's: fine
+  objective = s['model'].objective
+  cache.check_model(s['model_config'], objective, s['config'], params, s['codec'])  # fine
   other = jax.tree_util.tree_map(lambda x: x * 1.001, params)
   with pytest.raises(ValueError, match=r'another text encoder \(differs in params_sha256\)'):
-    cache.check_model(s['model_config'], s['config'], other, s['codec'])
+    cache.check_model(s['model_config'], objective, s['config'], other, s['codec'])
   vae = tmp_path / 'vae'
   shutil.copytree(VAE_DIR, vae)
   (vae / 'config.json').write_text((vae / 'config.json').read_text().replace(
       '"scaling_factor": 0.18215', '"scaling_factor": 0.13025'))
   with pytest.raises(ValueError, match=r'another image codec \(VAE\) \(differs in config\)'):
-    cache.check_model(s['model_config'], s['config'], params, make_codec(False, str(vae)))
+    cache.check_model(s['model_config'], objective, s['config'], params,
+                      make_codec(False, str(vae)))
   longer = dataclasses.replace(s['model_config'], text_length=32)
   with pytest.raises(ValueError, match='another text length'):
-    cache.check_model(longer, s['config'], params, s['codec'])
+    cache.check_model(longer, objective, s['config'], params, s['codec'])
   with pytest.raises(ValueError, match='train_text_encoder=False'):
-    cache.check_model(s['model_config'], dataclasses.replace(s['config'],
-                                                             train_text_encoder=True),
-                      params, s['codec'])
+    cache.check_model(s['model_config'], dataclasses.replace(objective, train_text_encoder=True),
+                      s['config'], params, s['codec'])
 
 
 def test_bad_examples_are_skipped_and_counted_misfits_are_errors(setup, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from charred import tokenizer
-from charred.models.text_to_image import TextToImage
+from charred.models.diffusion_model import DiffusionModel
 from charred.trainers import evaluators, trainer
 from charred.trainers.optimizer import OptimizerConfig
 from test_monitoring import nano_model
@@ -50,10 +50,10 @@ def validation_batches(n=3):
 def test_evaluators_every_step_leave_training_bit_identical(tmp_path):
   model_config = nano_model()
   config = trainer.TrainConfig(
-      train_steps=3, batch_size=2, log_every=1, checkpoint_every=1000, nan_policy='none',
+      train_steps=3, batch_size=2, log_every=1, nan_policy='none',
       optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
       monitoring=trainer.monitoring.MonitoringConfig(count_flops=False))
-  model = TextToImage(model_config)
+  model = DiffusionModel(model_config)
   batch = fixed_batch(2)
   batches = lambda start: iter(lambda: batch, None)
   validation = evaluators.ValidationConfig(every=1, num_batches=2, seed=3)
@@ -61,7 +61,7 @@ def test_evaluators_every_step_leave_training_bit_identical(tmp_path):
 
   def build_validation():
     built['validation'] = evaluators.ValidationLossEvaluator(
-        model, config, validation_batches(), validation)
+        model, validation_batches(), validation)
     return lambda step, params, writer: losses.setdefault(
         step, built['validation'](step, params, writer))
 
@@ -71,11 +71,11 @@ def test_evaluators_every_step_leave_training_bit_identical(tmp_path):
         model, targets, str(tmp_path / 'with'),
         evaluators.SampleEvalConfig(num_prompts=2, num_steps=2), ocr=FakeOcr())
 
-  plain = trainer.train(str(tmp_path / 'plain'), model_config, config, batches,
+  plain = trainer.train(str(tmp_path / 'plain'), model, config, batches,
                         log=lambda s: None)
   lines = []
   evaluated = trainer.train(
-      str(tmp_path / 'with'), model_config, config, batches, log=lines.append, evaluators=[
+      str(tmp_path / 'with'), model, config, batches, log=lines.append, evaluators=[
           evaluators.PeriodicEvaluator('validation', 1, build_validation),
           evaluators.PeriodicEvaluator('text_rendering', 1, build_samples)])
 

@@ -8,6 +8,7 @@ import pytest
 
 from charred import tokenizer
 from charred.models import diffusion
+from charred.models.diffusion_model import DiffusionModel
 from charred.models.generation import ImageGenerator
 from charred.models.pretrained import load_autoencoder, make_codec
 from charred.models.t5_encoder import T5EncoderConfig
@@ -36,16 +37,18 @@ def test_latent_model_trains_and_samples_full_size_images(tmp_path):
   tokens, mask = tokenizer.encode_batch(['a', 'bc'], 16)
   batch = {'image': rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32),
            'text_tokens': tokens, 'text_mask': mask}
-  state = trainer.train(str(tmp_path), config, trainer.TrainConfig(train_steps=2, batch_size=2),
+  model = DiffusionModel(config, codec=make_codec(False, VAE_DIR))
+  state = trainer.train(str(tmp_path), model, trainer.TrainConfig(train_steps=2, batch_size=2),
                         lambda start: iter(lambda: batch, None), log=lambda s: None)
   # The U-Net saw 8x8x4 latents (the fixture VAE downsamples by 2) ...
   assert state.params['unet']['conv_in']['kernel'].shape[2] == 4
   assert 'encoder' not in state.params  # ... and the VAE is not part of what trains.
-  images = ImageGenerator(TextToImage(config), state.ema_params, num_steps=2,
-                          codec=make_codec(False, VAE_DIR))(['a'])
+  images = model.generator(state.ema_params, num_steps=2)(['a'])
   assert images.shape == (1, 16, 16, 3) and images.dtype == np.uint8
   with pytest.raises(ValueError, match='needs codec='):  # never a silent pixel codec
     ImageGenerator(TextToImage(config), state.ema_params)
+  with pytest.raises(ValueError, match='needs codec='):
+    DiffusionModel(config)
 
 
 def test_codec_encodes_the_scaled_posterior_mean():

@@ -20,7 +20,8 @@ LAYERS = (
                 'charred.models.preprocess', 'charred.models.sampling',
                 'charred.models.text_to_image', 'charred.models.generation',
                 'charred.models.image_codec', 'charred.models.model_kinds',
-                'charred.trainers.losses', 'charred.evaluation.attention_maps')),
+                'charred.models.losses', 'charred.models.diffusion_model',
+                'charred.evaluation.attention_maps')),
     # 2: reading and converting weights.
     ('weights', ('charred.models', 'charred.models.pretrained', 'charred.models.convert')),
     # 3: training, checkpoints, evaluators and the data pipeline.

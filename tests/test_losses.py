@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from charred.models import diffusion
-from charred.models.image_codec import PixelCodec
-from charred.models.text_to_image import TextToImage
-from charred.trainers import losses, trainer
+from charred.models import diffusion_model
+from charred.models import losses
+from charred.models.diffusion_model import DiffusionModel, ObjectiveConfig
+from charred.trainers import trainer
 from charred.trainers.optimizer import OptimizerConfig
 from test_optimizer import nano_batch, nano_model, nano_params, nano_state
 
@@ -47,24 +48,30 @@ def test_min_snr_weights_equal_the_closed_forms(prediction_type):
                                  rtol=1e-5, atol=1e-12)
 
 
-def test_compute_loss_weights_each_example():
+def loss_of(model: DiffusionModel, params, batch, rng, first_example=0) -> float:
+  return float(model.loss_fn(params, batch, rng, first_example)[0])  # eager: no compile
+
+
+def objective_model(model_config, **objective) -> DiffusionModel:
+  return DiffusionModel(model_config, ObjectiveConfig(**objective))
+
+
+def test_loss_weights_each_example():
   """The weighted batch loss is the mean of the closed-form weight times each example's
   unweighted loss, each example computed on its own (its draws depend on its index only)."""
   model_config = dataclasses.replace(nano_model(), prediction_type='v_prediction')
-  model = TextToImage(model_config)
-  plain = trainer.TrainConfig(train_steps=1, batch_size=4, caption_dropout=0.5)
-  weighted = dataclasses.replace(plain, min_snr_gamma=2.0)
+  plain = objective_model(model_config, caption_dropout=0.5)
+  weighted = objective_model(model_config, caption_dropout=0.5, min_snr_gamma=2.0)
   batch, rng = nano_batch(), jax.random.PRNGKey(3)
   params = nano_params()
-  loss = functools.partial(trainer.compute_loss, params, model)  # eager: no compile
-  each = [float(loss(plain, {k: v[i:i + 1] for k, v in batch.items()}, rng, i))
-          for i in range(4)]
-  t = [int(jax.random.randint(trainer.example_keys(rng, i, 1, trainer._TIMESTEP)[0], (), 0,
-                              1000)) for i in range(4)]
+  loss = lambda model, *args: loss_of(model, params, *args)
+  each = [loss(plain, {k: v[i:i + 1] for k, v in batch.items()}, rng, i) for i in range(4)]
+  t = [int(jax.random.randint(diffusion_model.example_keys(
+      rng, i, 1, diffusion_model._TIMESTEP)[0], (), 0, 1000)) for i in range(4)]
   a = model_config.noise_schedule.alphas_cumprod()[t]
   expected = np.mean(closed_form_weights(a, 'v_prediction', 2.0) * np.array(each))
-  np.testing.assert_allclose(float(loss(weighted, batch, rng)), expected, rtol=1e-5)
-  np.testing.assert_allclose(float(loss(plain, batch, rng)), np.mean(each), rtol=1e-5)
+  np.testing.assert_allclose(loss(weighted, batch, rng), expected, rtol=1e-5)
+  np.testing.assert_allclose(loss(plain, batch, rng), np.mean(each), rtol=1e-5)
 
 
 def test_offset_noise_is_one_normal_draw_per_channel():
@@ -102,7 +109,7 @@ def test_uniform_timesteps_are_the_plain_randint_and_logit_normal_follows_its_cd
   with pytest.raises(ValueError, match='timestep sampling'):
     losses.sample_timestep(keys[0], 1000, 'beta')
   with pytest.raises(ValueError, match='timestep_sampling'):
-    trainer.TrainConfig(train_steps=1, batch_size=1, timestep_sampling='beta')
+    ObjectiveConfig(timestep_sampling='beta')
 
 
 def test_pixel_weighted_mse_against_hand_computed_values():
@@ -115,30 +122,29 @@ def test_pixel_weighted_mse_against_hand_computed_values():
 
 
 def test_glyph_loss_weight_needs_glyph_maps_and_weighs_glyph_pixels():
-  model = TextToImage(nano_model())
   batch, rng, params = nano_batch(), jax.random.PRNGKey(3), nano_params()
-  plain = trainer.TrainConfig(train_steps=1, batch_size=4, caption_dropout=0.0)
-  weighted = dataclasses.replace(plain, glyph_loss_weight=2.0)
+  plain = objective_model(nano_model(), caption_dropout=0.0)
+  weighted = objective_model(nano_model(), caption_dropout=0.0, glyph_loss_weight=2.0)
   with pytest.raises(ValueError, match='glyph_tokens'):
-    trainer.compute_loss(params, model, weighted, batch, rng)
+    loss_of(weighted, params, batch, rng)
   # No glyph anywhere: the weighted loss is the plain one; glyphs everywhere: 3x.
   h, w = batch['image'].shape[1:3]
   for fill, factor in ((-1, 1.0), (0, 3.0)):
     glyphs = dict(batch, glyph_tokens=np.full((4, h, w), fill, np.int32))
-    np.testing.assert_allclose(float(trainer.compute_loss(params, model, weighted, glyphs, rng)),
-                               factor * float(trainer.compute_loss(params, model, plain, batch,
-                                                                   rng)), rtol=1e-5)
+    np.testing.assert_allclose(loss_of(weighted, params, glyphs, rng),
+                               factor * loss_of(plain, params, batch, rng), rtol=1e-5)
+  # Validation measures the diffusion loss alone: no glyph maps needed, the plain value.
+  only = weighted.replace(objective=weighted.objective.diffusion_only())
+  assert loss_of(only, params, batch, rng) == loss_of(plain, params, batch, rng)
 
 
 def test_blank_attention_targets_need_blank_tokens():
-  model = TextToImage(nano_model())
   batch, params = nano_batch(), nano_params()
   h, w = batch['image'].shape[1:3]
-  config = trainer.TrainConfig(train_steps=1, batch_size=4, attention_loss_weight=0.1,
-                               attention_loss_blank=True)
+  model = objective_model(nano_model(), attention_loss_weight=0.1, attention_loss_blank=True)
   with pytest.raises(ValueError, match='blank_tokens'):
-    trainer.compute_loss(params, model, config, dict(
-        batch, glyph_tokens=np.full((4, h, w), -1, np.int32)), jax.random.PRNGKey(0))
+    loss_of(model, params, dict(batch, glyph_tokens=np.full((4, h, w), -1, np.int32)),
+            jax.random.PRNGKey(0))
 
 
 def test_bfloat16_compute_step_runs_and_its_loss_is_close_to_float32():
@@ -151,12 +157,10 @@ def test_bfloat16_compute_step_runs_and_its_loss_is_close_to_float32():
       learning_rate=1e-3, warmup_steps=0))
   state, tx = nano_state(config)
   batch, rng = nano_batch(), jax.random.PRNGKey(0)
-  model = TextToImage(bf16)
-  new, metrics = jax.jit(functools.partial(trainer.train_step, model=model, config=config,
-                                           tx=tx, codec=PixelCodec()))(state, batch, rng)
-  # The step's loss is compute_loss on fold_in(rng, update 0), as in fp32 here.
-  reference = float(trainer.compute_loss(state.params, TextToImage(fp32), config, batch,
-                                         jax.random.fold_in(rng, 0)))
+  new, metrics = jax.jit(functools.partial(trainer.train_step, model=DiffusionModel(bf16),
+                                           config=config, tx=tx))(state, batch, rng)
+  # The step's loss is loss_fn on fold_in(rng, update 0), as in fp32 here.
+  reference = loss_of(DiffusionModel(fp32), state.params, batch, jax.random.fold_in(rng, 0))
   assert metrics['loss'].dtype == jnp.float32
   np.testing.assert_allclose(float(metrics['loss']), reference, rtol=2e-2)
   assert float(metrics['nonfinite']) == 0
@@ -172,19 +176,17 @@ def test_frozen_text_encoder_runs_outside_the_gradient_or_on_the_host(tmp_path):
   """The loss with the frozen encoder outside the differentiated function (on device, or
   on the host before the step) equals the loss with it inside behind stop_gradient; its
   parameters never move; train() with the host encoder takes the on-device step."""
-  model = TextToImage(nano_model())
-  config = trainer.TrainConfig(train_steps=1, batch_size=4, train_text_encoder=False,
-                               caption_dropout=0.5,
+  model = objective_model(nano_model(), train_text_encoder=False, caption_dropout=0.5)
+  config = trainer.TrainConfig(train_steps=1, batch_size=4,
                                optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=0))
-  state, tx = nano_state(config)  # what train() creates: the same init seed
+  state, tx = nano_state(config, frozen=model.frozen)  # what train() creates: the same seed
   batch, rng = nano_batch(), jax.random.PRNGKey(config.seed + 1)  # train()'s rng
   outside, metrics = jax.jit(functools.partial(
-      trainer.train_step, model=model, config=config, tx=tx, codec=PixelCodec()))(
-          state, batch, rng)
-  # context=None: encoded inside compute_loss, behind stop_gradient.
-  loss = functools.partial(trainer.compute_loss, state.params, model, config, batch,
-                           jax.random.fold_in(rng, 0), 0)
-  inside = float(loss(None))
+      trainer.train_step, model=model, config=config, tx=tx))(state, batch, rng)
+  # context=None: the captions encoded inside the loss terms, differentiably.
+  loss = lambda context: float(sum(model.loss_terms(
+      state.params, batch, jax.random.fold_in(rng, 0), 0, context).values()))
+  inside = loss(None)
   np.testing.assert_allclose(float(metrics['loss']), inside, rtol=1e-6)
   for tree in ('params', 'ema_params'):
     same = jax.tree_util.tree_map(np.array_equal, getattr(outside, tree)['text_encoder'],
@@ -195,8 +197,8 @@ def test_frozen_text_encoder_runs_outside_the_gradient_or_on_the_host(tmp_path):
   on_host = dataclasses.replace(config, text_encoder_on_host=True)
   hosted = trainer.HostTextEncoder(model, state.params, on_host)(batch, 0, rng)
   assert hosted['text_context'].shape == (4, 8, 16)
-  np.testing.assert_allclose(float(loss(hosted['text_context'])), inside, rtol=1e-6)
-  final = trainer.train(str(tmp_path), model.config, on_host,
+  np.testing.assert_allclose(loss(hosted['text_context']), inside, rtol=1e-6)
+  final = trainer.train(str(tmp_path), model, on_host,
                         lambda start: iter(lambda: batch, None), log=lambda s: None)
   for x, y in zip(jax.tree_util.tree_leaves(final.params),
                   jax.tree_util.tree_leaves(outside.params)):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from charred.models.diffusion_model import DiffusionModel
 from charred.models.image_codec import PixelCodec
 from charred.models.text_to_image import TextToImage, init_params
 from charred.trainers import monitoring, trainer
@@ -176,7 +177,7 @@ def test_train_reports_to_wandb_otel_tensorboard_with_profile_and_mfu(tmp_path, 
   upload = f'memory://charred-test-{os.getpid()}/profile'
   peak = 1e12
   config = trainer.TrainConfig(
-      train_steps=4, batch_size=2, log_every=2, checkpoint_every=1000,
+      train_steps=4, batch_size=2, log_every=2,
       nan_policy='none',  # compiles several times faster than 'skip' on CPU
       optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=1),
       monitoring=monitoring.MonitoringConfig(
@@ -190,7 +191,7 @@ def test_train_reports_to_wandb_otel_tensorboard_with_profile_and_mfu(tmp_path, 
   batch = fixed_batch(2)
   lines = []
   workdir = str(tmp_path)
-  trainer.train(workdir, nano_model(), config, lambda start: iter(lambda: batch, None),
+  trainer.train(workdir, DiffusionModel(nano_model()), config, lambda start: iter(lambda: batch, None),
                 evaluators=[PeriodicEvaluator('images', 2, lambda: images)], log=lines.append)
 
   # The progress line gains MFU; flops_per_step is at least 6 FLOPs (forward 2, backward

@@ -9,11 +9,13 @@ import pytest
 
 from charred import tokenizer
 from charred.models import diffusion
+from charred.models.diffusion_model import DiffusionModel, ObjectiveConfig
 from charred.models.image_codec import PixelCodec
 from charred.models.t5_encoder import T5EncoderConfig
 from charred.models.text_to_image import TextToImage, TextToImageConfig, init_params
 from charred.models.unet import UNetConfig
 from charred.trainers import optimizer, trainer
+from charred.trainers.checkpoints import CheckpointConfig
 from charred.trainers.optimizer import OptimizerConfig
 from charred.trainers.train_state import TrainState
 
@@ -44,19 +46,19 @@ def nano_params():
   return init_params(TextToImage(nano_model()), jax.random.PRNGKey(0), PixelCodec())
 
 
-def nano_state(config, params=None):
+def nano_state(config, params=None, frozen=()):
   """(state, tx) as trainer.create_state makes them, from nano_params()."""
-  tx = trainer.make_tx(config)
+  tx = trainer.make_tx(config, frozen)
   params = nano_params() if params is None else params
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree_util.tree_map(jnp.copy, params),
                     opt_state=tx.init(params)), tx
 
 
-def jitted_step(model, config):
-  state, tx = nano_state(config)
+def jitted_step(model: DiffusionModel, config):
+  state, tx = nano_state(config, frozen=model.frozen)
   return state, jax.jit(functools.partial(trainer.train_step, model=model, config=config,
-                                          tx=tx, codec=PixelCodec()))
+                                          tx=tx))
 
 
 def toy_params():
@@ -175,9 +177,9 @@ def test_bfloat16_first_moment(kind):
 def test_accumulation_equals_one_big_step_and_nonfinite_batches_are_skipped():
   """Two updates: 2 x 2 micro-batches of 2 (accumulation_steps 2) against 2 batches of 4;
   every random stream (caption dropout, timesteps, noise, offset noise) is on."""
-  model = TextToImage(nano_model())
-  common = dict(batch_size=4, caption_dropout=0.5, offset_noise=0.1, min_snr_gamma=5.0,
-                ema_decay=0.9, optimizer=OptimizerConfig(
+  model = DiffusionModel(nano_model(), ObjectiveConfig(caption_dropout=0.5, offset_noise=0.1,
+                                                      min_snr_gamma=5.0))
+  common = dict(batch_size=4, ema_decay=0.9, optimizer=OptimizerConfig(
                     kind='sgd', learning_rate=1.0, warmup_steps=0, b1=0.9, weight_decay=0.01))
   big_config = trainer.TrainConfig(train_steps=2, **common)
   acc_config = trainer.TrainConfig(train_steps=4, accumulation_steps=2, **common)
@@ -245,10 +247,10 @@ def test_nan_policy_stop_raises_at_the_host(tmp_path, monkeypatch):
 
   monkeypatch.setattr(trainer, 'train_step', nonfinite_step)
   config = trainer.TrainConfig(train_steps=3, batch_size=2, nan_policy='stop',
-                               checkpoint_every=1)
+                               checkpointing=CheckpointConfig(every=1))
   with pytest.raises(FloatingPointError, match=r"Step 1: the loss or the gradients are not "
                      r"finite .*nan_policy='stop'"):
-    trainer.train(str(tmp_path), nano_model(), config,
+    trainer.train(str(tmp_path), DiffusionModel(nano_model()), config,
                   lambda start: iter(lambda: nano_batch(2), None), log=lambda s: None)
   assert not (tmp_path / 'checkpoints' / '1').exists()  # the bad step was not saved
 
@@ -258,5 +260,10 @@ def test_train_config_errors():
     trainer.TrainConfig(train_steps=5, batch_size=2, accumulation_steps=2)
   with pytest.raises(ValueError, match="Unknown nan_policy 'ignore'"):
     trainer.TrainConfig(train_steps=5, batch_size=2, nan_policy='ignore')
-  with pytest.raises(ValueError, match='text_encoder_on_host needs train_text_encoder=False'):
-    trainer.TrainConfig(train_steps=5, batch_size=2, text_encoder_on_host=True)
+  with pytest.raises(ValueError, match='text_encoder_on_host needs a frozen encoder'):
+    trainer.check_model(DiffusionModel(nano_model()),
+                        trainer.TrainConfig(train_steps=5, batch_size=2, text_encoder_on_host=True))
+  with pytest.raises(ValueError, match='keep_every .* multiple of every'):
+    CheckpointConfig(every=4, keep_every=6)
+  with pytest.raises(ValueError, match='caption_dropout must be in'):
+    ObjectiveConfig(caption_dropout=1.5)

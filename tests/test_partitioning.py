@@ -13,8 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from charred.models.image_codec import PixelCodec
-from charred.models.text_to_image import TextToImage
+from charred.models.diffusion_model import DiffusionModel
 from charred.trainers import distributed, partitioning, trainer
 from charred.trainers.optimizer import OptimizerConfig
 from charred.trainers.partitioning import DEFAULT_RULES, MESH_AXES, PartitioningConfig
@@ -72,7 +71,7 @@ def _model_axis_names():
   c = nano_model()
   c = dataclasses.replace(c, unet=dataclasses.replace(
       c.unet, position_embedding=True, encoder_hid_dim=16, cross_attention_dim=24))
-  specs = trainer.param_axes(TextToImage(c), PixelCodec())
+  specs = trainer.param_axes(DiffusionModel(c))
   return {name for s in jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P))
           for name in s}
 
@@ -110,9 +109,8 @@ def test_state_shardings_of_the_model_shard_large_weights():
   mesh = AbstractMesh((1, 8, 1), MESH_AXES)
   config = dataclasses.replace(multidevice_runs.train_config(1, 8, 1),
                                optimizer=OptimizerConfig(kind='adamw'))
-  model = TextToImage(nano_model())
-  shardings = trainer.state_shardings(model, config, trainer.make_tx(config), PixelCodec(),
-                                      mesh)
+  model = DiffusionModel(nano_model())
+  shardings = trainer.state_shardings(model, config, trainer.make_tx(config), mesh)
   specs = jax.tree_util.tree_leaves(shardings.params)
   sharded = [s for s in specs if s.spec != P()]
   assert len(sharded) > len(specs) // 2
@@ -180,11 +178,11 @@ def test_sharded_state_starts_from_a_pretrained_unet(tmp_path):
   from test_pretrained_init import _write_random  # pylint: disable=g-import-not-at-top
   config = nano_model()
   path, unet = _write_random(tmp_path, 'unet', config.unet, 2)
-  model = TextToImage(dataclasses.replace(config, unet_checkpoint=path))
+  model = DiffusionModel(dataclasses.replace(config, unet_checkpoint=path))
   train_config = multidevice_runs.train_config(-1, 1, 1)
   mesh = partitioning.make_mesh(train_config.partitioning)
   state = trainer.create_sharded_state(model, train_config, trainer.make_tx(train_config),
-                                       PixelCodec(), mesh)
+                                       mesh)
   got = flatten_dict(state.params['unet'], sep='/')
   ema = flatten_dict(state.ema_params['unet'], sep='/')
   assert set(got) == set(unet)

@@ -13,7 +13,7 @@ import pytest
 
 from charred.models import unet as unet_lib
 from charred.models.unet import UNet, UNetConfig
-from charred.trainers import losses
+from charred.models import losses
 
 TINY = dict(in_channels=4, out_channels=4, block_out_channels=(8, 16),
             down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),

@@ -9,6 +9,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from charred.models import model_kinds, pretrained
+from charred.models.diffusion_model import DiffusionModel
 from charred.models.image_codec import PixelCodec
 from charred.models.text_to_image import TextToImage, TextToImageConfig, init_params
 from charred.trainers import trainer
@@ -30,9 +31,9 @@ def test_init_params_loads_the_named_checkpoints(tmp_path):
   unet_path, unet = _write_random(tmp_path, 'unet', config.unet, 2)
   config = dataclasses.replace(config, text_encoder_checkpoint=t5_path,
                                unet_checkpoint=unet_path)
-  model = TextToImage(config)
+  model = DiffusionModel(config)
   train_config = trainer.TrainConfig(train_steps=10, batch_size=2)
-  state = trainer.create_state(model, train_config, trainer.make_tx(train_config), PixelCodec())
+  state = trainer.create_state(model, train_config, trainer.make_tx(train_config))
   for part, expected in (('text_encoder', t5), ('unet', unet)):
     got = flatten_dict(state.params[part], sep='/')
     assert set(got) == set(expected)

@@ -8,7 +8,7 @@ import numpy as np
 
 from charred import tokenizer
 from charred.models import diffusion
-from charred.models.image_codec import PixelCodec
+from charred.models.diffusion_model import DiffusionModel, ObjectiveConfig
 from charred.models.t5_encoder import T5EncoderConfig
 from charred.models.text_to_image import TextToImage, TextToImageConfig
 from charred.models.unet import UNetConfig
@@ -38,18 +38,17 @@ def fixed_batch(n=8):
 
 def test_twenty_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
   model_config = micro_model()
-  config = trainer.TrainConfig(train_steps=20, batch_size=8, caption_dropout=0.0,
+  config = trainer.TrainConfig(train_steps=20, batch_size=8,
                                optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=2),
-                               log_every=10, checkpoint_every=1000)
+                               log_every=10)
   batch = fixed_batch()
-  model = TextToImage(model_config)
+  model = DiffusionModel(model_config, ObjectiveConfig(caption_dropout=0.0))
   # The loss over many fixed (t, noise) draws, so that one lucky draw cannot pass the test.
   loss = jax.jit(lambda p: jnp.mean(jax.vmap(
-      lambda k: trainer.compute_loss(p, model, config, batch, k))(
-          jax.random.split(jax.random.PRNGKey(7), 16))))
-  initial = trainer.create_state(model, config, trainer.make_tx(config), PixelCodec())
+      lambda k: model.loss_fn(p, batch, k)[0])(jax.random.split(jax.random.PRNGKey(7), 16))))
+  initial = trainer.create_state(model, config, trainer.make_tx(config))
   before = float(loss(initial.params))
-  final = trainer.train(str(tmp_path), model_config, config,
+  final = trainer.train(str(tmp_path), model, config,
                         lambda start: iter(lambda: batch, None), log=lambda s: None)
   after = float(loss(final.params))
   assert int(final.step) == 20
@@ -58,13 +57,12 @@ def test_twenty_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
 
 def test_frozen_text_encoder_does_not_move(tmp_path):
   model_config = micro_model()
-  config = trainer.TrainConfig(train_steps=3, batch_size=8, train_text_encoder=False,
+  config = trainer.TrainConfig(train_steps=3, batch_size=8,
                                optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=1))
-  model = TextToImage(model_config)
-  tx = trainer.make_tx(config)
-  state = trainer.create_state(model, config, tx, PixelCodec())
-  step = jax.jit(functools.partial(trainer.train_step, model=model, config=config, tx=tx,
-                                   codec=PixelCodec()))
+  model = DiffusionModel(model_config, ObjectiveConfig(train_text_encoder=False))
+  tx = trainer.make_tx(config, model.frozen)
+  state = trainer.create_state(model, config, tx)
+  step = jax.jit(functools.partial(trainer.train_step, model=model, config=config, tx=tx))
   new, _ = step(state, fixed_batch(), jax.random.PRNGKey(0))  # warm-up: learning rate 0
   new, _ = step(new, fixed_batch(), jax.random.PRNGKey(0))
   same = jax.tree_util.tree_map(np.array_equal, state.params['text_encoder'],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from charred.datasets.bucketing import BucketConfig
+from charred.models.diffusion_model import DiffusionModel, ObjectiveConfig
 from charred.models.text_to_image import TextToImageConfig
 from charred.trainers.evaluators import SampleEvalConfig, ValidationConfig
 from charred.trainers.trainer import TrainConfig
@@ -59,9 +60,15 @@ class DataConfig:
 class Experiment:
   model: TextToImageConfig
   train: TrainConfig
+  objective: ObjectiveConfig = ObjectiveConfig()
   data: DataConfig = DataConfig()
   sample_eval: SampleEvalConfig = SampleEvalConfig()
   validation: ValidationConfig = ValidationConfig()
+
+
+def build_model(experiment: Experiment, codec, empty_context=None) -> DiffusionModel:
+  """The experiment's model with its objective and its (already built) codec."""
+  return DiffusionModel(experiment.model, experiment.objective, codec, empty_context)
 
 
 def prepare(data: DataConfig) -> None:

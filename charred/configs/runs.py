@@ -7,22 +7,20 @@ import os
 from typing import Any
 
 import gin
-import jax
 
 from charred.configs import gin_utils
-from charred.configs.experiment import Experiment
+from charred.configs.experiment import Experiment, build_model
+from charred.models.diffusion_model import DiffusionModel
 from charred.models.pretrained import make_codec
-from charred.models.text_to_image import TextToImage
 from charred.trainers import checkpoints, trainer
 
 
 @dataclasses.dataclass
 class Run:
   experiment: Experiment
-  model: TextToImage
+  model: DiffusionModel  # with its codec (pixels, or the frozen VAE: built once per run)
   state: trainer.TrainState
   data_state: dict[str, Any]
-  codec: Any  # pixels, or the frozen VAE: built once per run
 
   @property
   def params(self):
@@ -42,14 +40,13 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   gin.clear_config()
   gin_utils.parse([config])
   experiment = gin.get_configurable(Experiment)()
-  model = TextToImage(experiment.model)
   # Read-only: the run may still be training (and writing a checkpoint right now).
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints.')
-  tx = trainer.make_tx(experiment.train)
-  codec = make_codec(experiment.model.pixel_space, experiment.model.autoencoder_path)
-  abstract = jax.eval_shape(lambda: trainer.create_state(model, experiment.train, tx, codec))
-  state, data_state = ckpt.restore(abstract, step)
+  model = build_model(experiment, make_codec(experiment.model.pixel_space,
+                                              experiment.model.autoencoder_path))
+  tx = trainer.make_tx(experiment.train, model.frozen)
+  state, data_state = ckpt.restore(trainer.abstract_state(model, experiment.train, tx), step)
   ckpt.close()
-  return Run(experiment, model, state, data_state, codec)
+  return Run(experiment, model, state, data_state)

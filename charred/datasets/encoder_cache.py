@@ -379,20 +379,21 @@ class EncoderCache:
       yield self.read([orders(int(e))[i] for e, i in zip(epochs, within)])
       batch += 1
 
-  def check_model(self, model_config: TextToImageConfig, train_config, text_encoder_params,
-                  codec) -> None:
-    """Raises ValueError unless the cache holds what `train_config` would compute with this
-    text encoder and codec: the encoder must be frozen, and text length, image size and
-    both models' configs and parameters must be the ones the cache was written with."""
-    if train_config.train_text_encoder:
-      raise ValueError('An encoder cache needs TrainConfig.train_text_encoder=False: it holds '
-                       'a frozen text encoder\'s outputs.')
+  def check_model(self, model_config: TextToImageConfig, objective, train_config,
+                  text_encoder_params, codec) -> None:
+    """Raises ValueError unless the cache holds what the model (`objective`, a
+    DiffusionModel's ObjectiveConfig) would compute with this text encoder and codec: the
+    encoder must be frozen, and text length, image size and both models' configs and
+    parameters must be the ones the cache was written with."""
+    if objective.train_text_encoder:
+      raise ValueError('An encoder cache needs ObjectiveConfig.train_text_encoder=False: it '
+                       'holds a frozen text encoder\'s outputs.')
     if train_config.text_encoder_on_host:
       raise ValueError('An encoder cache replaces TrainConfig.text_encoder_on_host; set it '
                        'to False.')
-    if train_config.device_preprocess is not None:
-      raise ValueError('An encoder cache holds encoded images: TrainConfig.device_preprocess '
-                       'must be None.')
+    if objective.device_preprocess is not None:
+      raise ValueError('An encoder cache holds encoded images: '
+                       'ObjectiveConfig.device_preprocess must be None.')
     want = model_fingerprint(model_config, text_encoder_params, codec)
     got = self.manifest['model']
     names = dict(text_length='text length', image_size='image size', text_encoder='text '

@@ -15,6 +15,7 @@ under its temporary name) is removed when training starts again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -31,6 +32,33 @@ from charred.trainers.train_state import TrainState
 # Where an unreadable step directory is moved (`<step>.unrestorable`) so that the resumed
 # run can write that step again: Orbax only lists directories named by a bare integer.
 UNRESTORABLE_SUFFIX = '.unrestorable'
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """When a run saves and what it keeps: the newest `keep` checkpoints (None: all),
+  plus every multiple of `keep_every` steps (a multiple of `every`). Saves are
+  asynchronous unless `asynchronous` is False; a SIGTERM also saves (and stops) at the
+  current step."""
+  every: int = 1000
+  keep: int | None = 3
+  keep_every: int | None = None
+  asynchronous: bool = True
+
+  def __post_init__(self):
+    if not (isinstance(self.every, int) and self.every >= 1):
+      raise ValueError(f'CheckpointConfig.every must be an integer >= 1, got {self.every!r}.')
+    if self.keep is not None and not (isinstance(self.keep, int) and self.keep >= 1):
+      raise ValueError(f'CheckpointConfig.keep must be None or an integer >= 1, got '
+                       f'{self.keep!r}.')
+    if self.keep_every is not None and (
+        not isinstance(self.keep_every, int) or self.keep_every < 1 or
+        self.keep_every % self.every):
+      raise ValueError(f'CheckpointConfig.keep_every ({self.keep_every!r}) must be None or a '
+                       f'positive multiple of every ({self.every}).')
+
+  def checkpointer(self, directory: str) -> Checkpointer:
+    return Checkpointer(directory, self.keep, self.keep_every, self.asynchronous)
 
 
 class CheckpointError(RuntimeError):

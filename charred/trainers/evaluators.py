@@ -21,9 +21,7 @@ import numpy as np
 from charred import tokenizer
 from charred.evaluation import attention_maps, grid, text_metrics
 from charred.evaluation.ocr import OcrReader
-from charred.models.generation import ImageGenerator
-from charred.models.pretrained import make_codec
-from charred.models.text_to_image import TextToImage
+from charred.models.diffusion_model import DiffusionModel
 
 Evaluator = Callable[[int, Any, Any], Mapping[str, float]]
 
@@ -69,10 +67,8 @@ class ValidationLossEvaluator:
   step to the next only the parameters change. Writes `validation/loss`.
   """
 
-  def __init__(self, model: TextToImage, train_config, batches: Iterable[Mapping[str, Any]],
-               config: ValidationConfig = ValidationConfig(), codec=None):
-    # pylint: disable-next=g-import-not-at-top
-    from charred.trainers import trainer  # trainer imports nothing from here
+  def __init__(self, model: DiffusionModel, batches: Iterable[Mapping[str, Any]],
+               config: ValidationConfig = ValidationConfig()):
     keys = ('image', 'text_tokens', 'text_mask')
     self.batches = [{k: np.asarray(b[k]) for k in keys}
                     for b in itertools.islice(batches, config.num_batches)]
@@ -80,14 +76,10 @@ class ValidationLossEvaluator:
       raise ValueError('ValidationLossEvaluator: the validation batches are empty.')
     self.config = config
     # The diffusion loss alone: comparable across runs with and without glyph losses.
-    loss_config = dataclasses.replace(train_config, caption_dropout=0.0,
-                                      attention_loss_weight=0.0, char_loss_weight=0.0)
-    codec = codec or make_codec(model.config.pixel_space, model.config.autoencoder_path)
+    model = model.replace(objective=model.objective.diffusion_only())
 
     def loss(params, batch, rng):
-      encode_rng, loss_rng = jax.random.split(rng)
-      batch = dict(batch, image=codec.encode(batch['image'], encode_rng))
-      return trainer.compute_loss(params, model, loss_config, batch, loss_rng)
+      return model.loss_fn(params, batch, jax.random.split(rng)[1])[0]
 
     self._loss = jax.jit(loss)
 
@@ -139,13 +131,13 @@ class TextRenderingEvaluator:
   RNG, so it never changes training.
   """
 
-  def __init__(self, model: TextToImage, targets: Sequence[RenderingTarget], workdir: str,
-               config: SampleEvalConfig, ocr: OcrReader | None = None, codec=None):
+  def __init__(self, model: DiffusionModel, targets: Sequence[RenderingTarget], workdir: str,
+               config: SampleEvalConfig, ocr: OcrReader | None = None):
     self.targets = list(targets)[:config.num_prompts]
     self.config = config
     self.sample_dir = os.path.join(workdir, 'samples')
-    self.generator = ImageGenerator(model, None, num_steps=config.num_steps,
-                                    guidance_scale=config.guidance_scale, codec=codec)
+    self.generator = model.generator(None, num_steps=config.num_steps,
+                                     guidance_scale=config.guidance_scale)
     self.ocr = ocr or OcrReader()
 
   def attention_picture(self, params, images: np.ndarray) -> np.ndarray:

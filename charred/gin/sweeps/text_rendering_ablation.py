@@ -14,16 +14,16 @@ GIN_FILES = ['experiments/typography_tiny.gin']
 
 _STEPS = {'TRAIN_STEPS': 2000}
 # The default's switches, each off alone, then all off.
-_NO_ATTENTION_LOSS = {'trainer.TrainConfig.attention_loss_weight': 0.0}
+_NO_ATTENTION_LOSS = {'diffusion_model.ObjectiveConfig.attention_loss_weight': 0.0}
 _NO_POSITIONS = {'unet.UNetConfig.text_positions': None,
                  'unet.UNetConfig.query_positions': None}
 _ALL_OFF = {**_NO_ATTENTION_LOSS, **_NO_POSITIONS}
 # Training signal that costs little, each added alone.
-_BLANK = {'trainer.TrainConfig.attention_loss_blank': True}  # empty cells -> closing quote
+_BLANK = {'diffusion_model.ObjectiveConfig.attention_loss_blank': True}  # empty cells -> closing quote
 _CURRICULUM = {'experiment.DataConfig.length_curriculum': 16000}  # 3 -> 8 letters in 1k steps
 _RANDOM_HALF = {'experiment.DataConfig.train_random_fraction': 0.5}  # default 0.2
-_GLYPH_WEIGHT = {'trainer.TrainConfig.glyph_loss_weight': 1.0}
-_LOGIT_NORMAL = {'trainer.TrainConfig.timestep_sampling': 'logit_normal'}
+_GLYPH_WEIGHT = {'diffusion_model.ObjectiveConfig.glyph_loss_weight': 1.0}
+_LOGIT_NORMAL = {'diffusion_model.ObjectiveConfig.timestep_sampling': 'logit_normal'}
 # The previous default's data (18 px glyphs, 11 px advance, 3-5 px margin, 1 px jitter).
 _OFF_GRID = {'experiment.DataConfig.builder_config': 'tiny_bw',
              'unet.UNetConfig.position_span': 12}
