@@ -17,7 +17,6 @@ each host reads its rows of every batch. The mesh is `TrainConfig.partitioning`
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import tempfile

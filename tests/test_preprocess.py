@@ -1,7 +1,6 @@
 """Device preprocessing against the host path it replaces: PIL resampling, numpy crop,
 flip and normalisation; and a train step fed uint8 against one fed host floats."""
 
-import dataclasses
 import functools
 
 import jax

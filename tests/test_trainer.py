@@ -10,7 +10,7 @@ from charred import tokenizer
 from charred.models import diffusion
 from charred.models.diffusion_model import DiffusionModel, ObjectiveConfig
 from charred.models.t5_encoder import T5EncoderConfig
-from charred.models.text_to_image import TextToImage, TextToImageConfig
+from charred.models.text_to_image import TextToImageConfig
 from charred.models.unet import UNetConfig
 from charred.trainers import trainer
 from charred.trainers.optimizer import OptimizerConfig
