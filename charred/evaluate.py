@@ -1,19 +1,23 @@
-r"""Scores a trained run's text rendering with OCR; prints one JSON line.
+r"""Runs a trained run's evaluators once; prints one JSON line.
 
   python -m charred.evaluate --workdir=DIR [--words_file=F] [--steps=50] \
       [--guidance_scale=G] [--scheduler=ddim] [--guidance_rescale=0.0]
 
-Samples `A sign that says "<word>".` for every held-out word (the run's validation words,
-or one word per line of F, rendered as written there), reads each image with OCR and
-reports the metrics of `charred.evaluation.text_metrics.score` (exact match, NED,
-character accuracy and error rate, overall, per word length and per frequency bucket).
-Under `ceiling/` it adds the same metrics for the target texts rendered as the run's
-training signs and read by the same OCR: what a perfect model would score. Guidance
-defaults to the scale the run's experiment declares (`SampleEvalConfig.guidance_scale`).
+Builds the evaluators the run's experiment lists (`Experiment.evaluators`), as training
+does, and runs each once on the checkpoint's EMA parameters. The text-rendering evaluator
+samples `A sign that says "<word>".` for every held-out word of its split (or one word per
+line of F, rendered as written there), reads each image with OCR and reports the metrics
+of `charred.evaluation.text_metrics.score` (exact match, NED, character accuracy and error
+rate, overall, per word length and per frequency bucket); under `ceiling/` the same
+metrics for the target texts rendered as the run's training signs and read by the same
+OCR: what a perfect model would score. Guidance defaults to the scale the run's
+experiment declares (`SampleEvalConfig.guidance_scale`). The validation loss appears as
+`validation/loss`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -38,53 +42,72 @@ def read_words(path: str) -> list[str]:
   return words
 
 
+class _NoWriter:
+  """Evaluators report to a writer; here the JSON line is the report."""
+
+  def write_scalars(self, step, scalars):
+    del step, scalars
+
+  def write_images(self, step, images):
+    del step, images
+
+
+def words_targets(path: str):
+  """RenderingTargets for the words of `path`, captioned as the training signs are."""
+  from charred.datasets import render, words as words_lib  # pylint: disable=g-import-not-at-top
+  from charred.evaluation import evaluators  # pylint: disable=g-import-not-at-top
+  return [evaluators.RenderingTarget(render.caption(t), t, words_lib.frequency_bucket(t.lower()))
+          for t in read_words(path)]
+
+
+def for_evaluate(config, run_guidance: float):
+  """A text-rendering config as this command samples: every prompt, the flags' sampler."""
+  return dataclasses.replace(
+      config, num_prompts=None, num_steps=sf.STEPS.value,
+      guidance_scale=sf.guidance_scale(run_guidance), scheduler=sf.SCHEDULER.value,
+      guidance_rescale=sf.GUIDANCE_RESCALE.value, seed=sf.SEED.value,
+      batch_size=_BATCH.value, attention_maps=0, ceiling=True)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from charred.configs import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from charred.configs import runs  # pylint: disable=g-import-not-at-top
-  from charred.datasets import signs  # pylint: disable=g-import-not-at-top
-  from charred.evaluation import grid, text_metrics  # pylint: disable=g-import-not-at-top
-  from charred.evaluation.ocr import OcrReader  # pylint: disable=g-import-not-at-top
+  from charred.evaluation import evaluators  # pylint: disable=g-import-not-at-top
+  from charred.evaluation import grid  # pylint: disable=g-import-not-at-top
   from charred.models import schedulers  # pylint: disable=g-import-not-at-top
   from charred.models.generation import PromptTooLongError  # pylint: disable=g-import-not-at-top
-  from charred.trainers import evaluators  # pylint: disable=g-import-not-at-top
   if not sf.WORKDIR.value:
     gin_utils.exit_with_error('charred.evaluate', ValueError('--workdir is required.'))
   start = time.time()
+  result, rendering = {}, None
   try:
     schedulers.lookup(sf.SCHEDULER.value)  # a bad name fails before the run loads
     run = runs.load_run(sf.WORKDIR.value, sf.CHECKPOINT_STEP.value)
+    data = experiment_lib.eval_data(run.experiment)
     if _WORDS_FILE.value:
-      from charred.datasets import render, words as words_lib  # pylint: disable=g-import-not-at-top
-      texts = read_words(_WORDS_FILE.value)
-      buckets = [words_lib.frequency_bucket(t.lower()) for t in texts]
-      prompts = [render.caption(t) for t in texts]
-    else:
-      from charred.configs import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
-      targets = experiment_lib.rendering_targets(run.experiment.data, 'validation')
-      prompts = [t['prompt'] for t in targets]
-      texts = [t['text'] for t in targets]
-      buckets = [t['bucket'] for t in targets]
-    generator = run.model.generator(run.params,
-                               **sf.generator_kwargs(run.experiment.sample_eval.guidance_scale))
-    images = generator(prompts, seed=sf.SEED.value, batch_size=_BATCH.value)
+      words = words_targets(_WORDS_FILE.value)
+      data = dataclasses.replace(data, targets=lambda split: words)
+    for name, config in run.experiment.evaluators.items():
+      if isinstance(config, evaluators.SampleEvalConfig):
+        config = for_evaluate(config, config.guidance_scale)
+      evaluator = evaluators.build(name, config, run.model, data, workdir=None)
+      metrics = evaluator(run.step, run.params, _NoWriter())
+      if isinstance(evaluator, evaluators.TextRenderingEvaluator):
+        rendering = (evaluator, config)
+        metrics = {k.removeprefix('eval/'): v for k, v in metrics.items()}
+      result.update((k, v) for k, v in metrics.items() if not k.endswith('seconds'))
   except (PromptTooLongError, FileNotFoundError, ValueError) as e:
     gin_utils.exit_with_error('charred.evaluate', e)
-  ocr = OcrReader()
-  result, labels = evaluators.read_and_score(ocr, images, texts, buckets)
-  # The OCR misreads some perfect signs too: the ceiling says how much of the
-  # model's score is lost to OCR rather than to spelling.
-  truth = signs.render_ground_truth(
-      texts, signs.ground_truth_config(run.experiment.data.builder_config, *images.shape[1:3]),
-      seed=sf.SEED.value)
-  ceiling = text_metrics.score(ocr.read(truth), texts, buckets=buckets)
-  result.update({f'ceiling/{k}': v for k, v in ceiling.items()})
-  if _SAMPLES.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_SAMPLES.value)), exist_ok=True)
-    grid.save_png(_SAMPLES.value, grid.make_grid(images, labels))
-  result.update(step=run.step, steps=sf.STEPS.value, guidance_scale=generator.guidance_scale,
-                scheduler=sf.SCHEDULER.value, guidance_rescale=sf.GUIDANCE_RESCALE.value,
-                seconds=round(time.time() - start, 1))
+  if rendering:
+    evaluator, config = rendering
+    if _SAMPLES.value:
+      os.makedirs(os.path.dirname(os.path.abspath(_SAMPLES.value)), exist_ok=True)
+      grid.save_png(_SAMPLES.value, evaluator.picture)
+    result.update(steps=config.num_steps, guidance_scale=config.guidance_scale,
+                  scheduler=config.scheduler, guidance_rescale=config.guidance_rescale)
+  result.update(step=run.step, seconds=round(time.time() - start, 1))
   print(json.dumps(result, sort_keys=True))
 
 

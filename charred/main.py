@@ -108,7 +108,8 @@ def make_batches(data, model, objective, train, shard_index: int, shard_count: i
 def run(workdir: str, experiment: Experiment) -> bool:
   """Trains; True when the run reached train_steps, False when a SIGTERM stopped it."""
   from charred.configs import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
-  from charred.trainers import distributed, evaluators  # pylint: disable=g-import-not-at-top
+  from charred.evaluation import evaluators  # pylint: disable=g-import-not-at-top
+  from charred.trainers import distributed  # pylint: disable=g-import-not-at-top
   from charred.trainers import partitioning, trainer  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -138,22 +139,10 @@ def run(workdir: str, experiment: Experiment) -> bool:
                                         shard_count, make_iterator=make_iterator, codec=codec)
   diffusion_model = experiment_lib.build_model(experiment, codec, empty_context)
 
-  # Built on first use: an evaluator that never runs reads no data and compiles nothing.
-  def validation_loss():
-    held_out = experiment_lib.typography_batches(
-        data, 'validation', train.batch_size, model.text_length, tokenizer=text_tokenizer,
-        shuffle=False, repeat=False)
-    return evaluators.ValidationLossEvaluator(diffusion_model, held_out, experiment.validation)
-
-  def text_rendering():
-    targets = [evaluators.RenderingTarget(**t)
-               for t in experiment_lib.rendering_targets(data, 'validation')]
-    return evaluators.TextRenderingEvaluator(diffusion_model, targets, workdir,
-                                             experiment.sample_eval)
-
-  state = trainer.train(workdir, diffusion_model, train, batches, evaluators=[
-      evaluators.PeriodicEvaluator('validation', experiment.validation.every, validation_loss),
-      evaluators.PeriodicEvaluator('text_rendering', train.eval_every, text_rendering)])
+  # Each on its own cadence, built on first use: one that never runs reads no data.
+  periodic = evaluators.periodic(experiment.evaluators, diffusion_model,
+                                 experiment_lib.eval_data(experiment), workdir)
+  state = trainer.train(workdir, diffusion_model, train, batches, evaluators=periodic)
   return int(state.step) >= train.train_steps
 
 

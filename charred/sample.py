@@ -26,7 +26,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported after flag parsing so that --help is fast.
   from charred.configs import runs  # pylint: disable=g-import-not-at-top
-  from charred.evaluation import grid  # pylint: disable=g-import-not-at-top
+  from charred.evaluation import evaluators, grid  # pylint: disable=g-import-not-at-top
   from charred.models import schedulers  # pylint: disable=g-import-not-at-top
   from charred.models.generation import PromptTooLongError  # pylint: disable=g-import-not-at-top
   if not sf.WORKDIR.value or _PROMPT.value is None:
@@ -34,8 +34,8 @@ def main(argv):
   try:
     schedulers.lookup(sf.SCHEDULER.value)  # a bad name fails before the run loads
     run = runs.load_run(sf.WORKDIR.value, sf.CHECKPOINT_STEP.value)
-    generator = run.model.generator(run.params,
-                               **sf.generator_kwargs(run.experiment.sample_eval.guidance_scale))
+    sampling = evaluators.sampling_config(run.experiment.evaluators)
+    generator = run.model.generator(run.params, **sf.generator_kwargs(sampling.guidance_scale))
     images = generator([_PROMPT.value] * _NUM_IMAGES.value, seed=sf.SEED.value)
   except (PromptTooLongError, FileNotFoundError, ValueError) as e:
     gin_utils.exit_with_error('charred.sample', e)

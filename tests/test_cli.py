@@ -72,8 +72,10 @@ def test_evaluate_prints_one_json_line(micro_run, tmp_path):
   lines = [l for l in proc.stdout.splitlines() if l.strip()]
   result = json.loads(lines[-1])
   assert result['num_words'] == 2
-  for key in ('exact_match', 'exact_match_ci', 'ned'):
+  for key in ('exact_match', 'exact_match_ci', 'ned', 'ceiling/exact_match'):
     assert 0.0 <= result[key] <= 1.0
+  # Every evaluator the experiment lists runs once, the validation loss included.
+  assert result['validation/loss'] > 0 and result['steps'] == 2
   # No --guidance_scale: the scale the run's experiment declares in its gin file.
   with open(os.path.join(REPO, 'gin', 'experiments', 'typography_tiny.gin')) as f:
     declared = re.search(r'^\s+guidance_scale = ([0-9.]+)', f.read(), re.M).group(1)

@@ -1,4 +1,5 @@
-"""Periodic evaluators: cadence, lazy building, validation loss, and no effect on training."""
+"""Evaluators: the registry, cadence, lazy building, validation loss, the OCR ceiling, and
+no effect on training."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,8 @@ import pytest
 
 from charred import tokenizer
 from charred.models.diffusion_model import DiffusionModel
-from charred.trainers import evaluators, trainer
+from charred.evaluation import evaluators
+from charred.trainers import trainer
 from charred.trainers.optimizer import OptimizerConfig
 from test_monitoring import nano_model
 from test_trainer import fixed_batch
@@ -68,7 +70,7 @@ def test_evaluators_every_step_leave_training_bit_identical(tmp_path):
   def build_samples():
     targets = [evaluators.RenderingTarget('sign "ab"', 'ab')] * 2  # text_length 16
     return evaluators.TextRenderingEvaluator(
-        model, targets, str(tmp_path / 'with'),
+        model, targets, str(tmp_path / 'with' / 'samples'),
         evaluators.SampleEvalConfig(num_prompts=2, num_steps=2), ocr=FakeOcr())
 
   plain = trainer.train(str(tmp_path / 'plain'), model, config, batches,
@@ -100,3 +102,75 @@ def test_evaluators_every_step_leave_training_bit_identical(tmp_path):
               unet=jax.tree_util.tree_map(jnp.zeros_like, evaluated.ema_params['unet']))
   expected = np.mean([np.mean(np.square(b['image'])) for b in list(validation_batches())[:2]])
   assert loss(zero) == pytest.approx(expected, rel=1e-5)
+
+
+def eval_data(read):
+  """EvalData over validation_batches(); `read` records which splits were asked for."""
+  def batches(split, batch_size):
+    read.append(('batches', split, batch_size))
+    return validation_batches()
+
+  def targets(split):
+    read.append(('targets', split))
+    return [evaluators.RenderingTarget('sign "ab"', 'ab', 'common'),
+            evaluators.RenderingTarget('sign "cd"', 'cd', 'rare')]
+
+  def ground_truth(texts, height, width, seed):
+    read.append(('ground_truth', tuple(texts), height, width, seed))
+    return np.zeros((len(texts), height, width, 3), np.uint8)
+
+  return evaluators.EvalData(batches, targets, batch_size=2, ground_truth=ground_truth)
+
+
+def test_registry_builds_each_evaluator_from_its_config_with_its_own_cadence():
+  model = DiffusionModel(nano_model())
+  read = []
+  configs = {'loss': evaluators.ValidationConfig(every=5, split='train', num_batches=1),
+             'ocr': evaluators.SampleEvalConfig(every=7, split='test', num_steps=1)}
+  periodic = evaluators.periodic(configs, model, eval_data(read), workdir=None)
+  assert [(p.name, p.every) for p in periodic] == [('loss', 5), ('ocr', 7)]
+  assert not read  # nothing is read or compiled before an evaluator first runs
+  loss = evaluators.build('loss', configs['loss'], model, eval_data(read), None)
+  assert isinstance(loss, evaluators.ValidationLossEvaluator) and len(loss.batches) == 1
+  ocr = evaluators.build('ocr', configs['ocr'], model, eval_data(read), None)
+  assert isinstance(ocr, evaluators.TextRenderingEvaluator) and len(ocr.targets) == 2
+  assert read == [('batches', 'train', 2), ('targets', 'test')]
+  assert evaluators.sampling_config(configs) is configs['ocr']
+  assert evaluators.sampling_config({}) == evaluators.SampleEvalConfig()
+
+
+def test_unknown_evaluator_configs_fail_with_one_line():
+  from charred.configs.experiment import Experiment
+  model = DiffusionModel(nano_model())
+  with pytest.raises(ValueError, match="Evaluator 'x': int is not an evaluator config; "
+                     'expected one of SampleEvalConfig, ValidationConfig'):
+    evaluators.periodic({'x': 3}, model, eval_data([]), None)
+  with pytest.raises(ValueError, match="Evaluator 'loss': OptimizerConfig"):
+    Experiment(model=nano_model(), train=trainer.TrainConfig(1, 1),
+               evaluators={'loss': OptimizerConfig()})
+  with pytest.raises(ValueError, match='must be a dict'):
+    evaluators.check([evaluators.ValidationConfig()])
+  with pytest.raises(ValueError, match='every must be an integer'):
+    evaluators.SampleEvalConfig(every=-1)
+
+
+@pytest.mark.slow
+def test_text_rendering_without_a_directory_writes_nothing_and_scores_the_ceiling(tmp_path):
+  model = DiffusionModel(nano_model())
+  read = []
+  config = evaluators.SampleEvalConfig(num_steps=1, attention_maps=0, ceiling=True, seed=4)
+  evaluator = evaluators.TextRenderingEvaluator(
+      model, eval_data(read).targets('validation'), None, config, ocr=FakeOcr(),
+      ground_truth=eval_data(read).ground_truth)
+  params = model.init_params(jax.random.PRNGKey(0))
+  written = []
+  writer = type('Writer', (), {'write_scalars': lambda self, step, m: written.append(m),
+                               'write_images': lambda self, step, images: None})()
+  metrics = evaluator(9, params, writer)
+  # FakeOcr reads 'ab' everywhere: one of the two targets is right, model and ceiling alike.
+  assert metrics['eval/exact_match'] == 0.5 and metrics['eval/ceiling/exact_match'] == 0.5
+  assert read[-1] == ('ground_truth', ('ab', 'cd'), 8, 16, 4)  # the samples' size and seed
+  assert evaluator.picture.dtype == np.uint8 and written == [metrics]
+  assert not list(tmp_path.iterdir())
+  with pytest.raises(ValueError, match='ceiling needs'):
+    evaluators.TextRenderingEvaluator(model, eval_data([]).targets('x'), None, config)

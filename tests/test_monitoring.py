@@ -19,7 +19,7 @@ from charred.models.diffusion_model import DiffusionModel
 from charred.models.image_codec import PixelCodec
 from charred.models.text_to_image import TextToImage, init_params
 from charred.trainers import monitoring, trainer
-from charred.trainers.evaluators import PeriodicEvaluator
+from charred.evaluation.evaluators import PeriodicEvaluator
 from charred.trainers.optimizer import OptimizerConfig
 from test_trainer import fixed_batch, micro_model
 
@@ -251,7 +251,8 @@ def test_without_tensorflow_the_writers_fall_back_with_one_warning(tmp_path):
       import sys
       sys.modules['tensorflow'] = None  # as on a host without TensorFlow
       import numpy as np
-      from charred.trainers import evaluators, monitoring, trainer  # no TensorFlow needed
+      from charred.evaluation import evaluators  # no TensorFlow needed
+      from charred.trainers import monitoring, trainer
       monitor = monitoring.Monitor(
           {str(tmp_path)!r}, monitoring.MonitoringConfig(opentelemetry=True, count_flops=False),
           total_steps=10, batch_size=2, first_step=0)

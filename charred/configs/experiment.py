@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from typing import Any, Mapping
+
 from charred.datasets.bucketing import BucketConfig
+from charred.evaluation import evaluators
 from charred.models.diffusion_model import DiffusionModel, ObjectiveConfig
 from charred.models.text_to_image import TextToImageConfig
-from charred.trainers.evaluators import SampleEvalConfig, ValidationConfig
 from charred.trainers.trainer import TrainConfig
 
 
@@ -62,13 +64,39 @@ class Experiment:
   train: TrainConfig
   objective: ObjectiveConfig = ObjectiveConfig()
   data: DataConfig = DataConfig()
-  sample_eval: SampleEvalConfig = SampleEvalConfig()
-  validation: ValidationConfig = ValidationConfig()
+  # Name -> evaluator config; the config's type picks the evaluator, its `every` the
+  # cadence and its `split` the data (charred.evaluation.evaluators).
+  evaluators: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {
+      'validation': evaluators.ValidationConfig(),
+      'text_rendering': evaluators.SampleEvalConfig()})
+
+  def __post_init__(self):
+    evaluators.check(self.evaluators)
 
 
 def build_model(experiment: Experiment, codec, empty_context=None) -> DiffusionModel:
   """The experiment's model with its objective and its (already built) codec."""
   return DiffusionModel(experiment.model, experiment.objective, codec, empty_context)
+
+
+def eval_data(experiment: Experiment) -> evaluators.EvalData:
+  """The held-out data the experiment's evaluators read: its typography splits."""
+  data, model = experiment.data, experiment.model
+  text_tokenizer = model.text_tokenizer()
+
+  def batches(split: str, batch_size: int):
+    return typography_batches(data, split, batch_size, model.text_length,
+                              tokenizer=text_tokenizer, shuffle=False, repeat=False)
+
+  def targets(split: str):
+    return [evaluators.RenderingTarget(**t) for t in rendering_targets(data, split)]
+
+  def ground_truth(texts, height: int, width: int, seed: int):
+    from charred.datasets import signs  # pylint: disable=g-import-not-at-top
+    return signs.render_ground_truth(
+        texts, signs.ground_truth_config(data.builder_config, height, width), seed=seed)
+
+  return evaluators.EvalData(batches, targets, experiment.train.batch_size, ground_truth)
 
 
 def prepare(data: DataConfig) -> None:

@@ -47,7 +47,6 @@ class TrainConfig:
   ema_decay: float = 0.999
   seed: int = 0
   log_every: int = 50
-  eval_every: int = 1000
   # Gradient accumulation: each train step consumes one micro-batch of `batch_size`, and
   # every `accumulation_steps`-th step applies one optimizer update on their mean gradient.
   # `train_steps`, `state.step`, checkpoints and the data position count micro-batches;
