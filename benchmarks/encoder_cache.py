@@ -56,8 +56,7 @@ def cache_figures(num_examples: int, text_length: int, batch_size: int) -> dict:
                       down_block_types=('DownBlock2D',), up_block_types=('UpBlock2D',),
                       layers_per_block=1, attention_head_dim=(1,), norm_num_groups=4,
                       cross_attention_dim=1536),  # not run: only its config is checked
-      text_length=text_length, image_size=(128, 128), pixel_space=False,
-      autoencoder_path=VAE_DIR)
+      text_length=text_length, image_size=(128, 128), pixel_space=False)
   codec = make_codec(False, VAE_DIR)
   params = encoder_cache.initial_text_encoder_params(config, 0, codec)
   rng = np.random.default_rng(0)

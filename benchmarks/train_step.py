@@ -82,12 +82,11 @@ def measured_matmul_flops(dtype=jnp.float32, n: int = 4096) -> float:
 
 
 def experiment_from_gin(gin_file: str, bindings):
+  from charred.configs import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from charred.main import load_experiment  # pylint: disable=g-import-not-at-top
-  from charred.models.pretrained import make_codec  # pylint: disable=g-import-not-at-top
   experiment = load_experiment([gin_file], bindings)
-  model_config = experiment.model
-  codec = make_codec(model_config.pixel_space, model_config.autoencoder_path)
-  return DiffusionModel(model_config, experiment.objective, codec), experiment.train
+  return experiment_lib.build_model(experiment, experiment_lib.build_codec(experiment)), \
+      experiment.train
 
 
 def builtin_experiment(name: str, batch: int, dtype: str):

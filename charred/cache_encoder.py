@@ -7,8 +7,8 @@ and VAE run over a dataset once.
   python -m charred.cache_encoder --workdir=RUN --out=DIR ...
 
 The model comes from the experiment's gin files (its text encoder as a run starts from
-it: `text_encoder_checkpoint`, or the seeded random init; the VAE from
-`autoencoder_path`), or from a training run's workdir (its config.gin and the text
+it: `pretrained.InitConfig.text_encoder`, or the seeded random init; the VAE from
+`InitConfig.autoencoder`), or from a training run's workdir (its config.gin and the text
 encoder of its newest checkpoint). `--task` defaults to the experiment's typography task;
 its images must already have the model's image size. Train on the output with
 `experiment.DataConfig.encoder_cache = 'DIR'` (the text encoder must be frozen).
@@ -47,7 +47,6 @@ def main(argv) -> None:
   from charred.datasets import pipeline  # pylint: disable=g-import-not-at-top
   from charred.datasets.encoder_cache import (  # pylint: disable=g-import-not-at-top
       initial_text_encoder_params, task_examples, write_cache)
-  from charred.models.pretrained import make_codec  # pylint: disable=g-import-not-at-top
   prog = 'charred.cache_encoder'
   flags = FLAGS
   try:
@@ -61,12 +60,12 @@ def main(argv) -> None:
       experiment, encoder_params = run.experiment, run.state.params['text_encoder']
       codec = run.model.codec
     else:
-      from charred.configs.experiment import Experiment  # pylint: disable=g-import-not-at-top
+      from charred.configs import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
       gin_utils.parse(flags.gin_file, flags.gin_bindings)
-      experiment = gin.get_configurable(Experiment)()
-      codec = make_codec(experiment.model.pixel_space, experiment.model.autoencoder_path)
+      experiment = gin.get_configurable(experiment_lib.Experiment)()
+      codec = experiment_lib.build_codec(experiment)
       encoder_params = initial_text_encoder_params(experiment.model, experiment.train.seed,
-                                                   codec)
+                                                   codec, experiment.init)
     if experiment.objective.train_text_encoder:
       raise ValueError('the experiment trains its text encoder (ObjectiveConfig.'
                        'train_text_encoder=True): cached hidden states would go stale.')

@@ -75,7 +75,7 @@ def write_config(workdir: str) -> None:
 
 
 def make_batches(data, model, objective, train, shard_index: int, shard_count: int,
-                 make_iterator, codec):
+                 make_iterator, codec, init=None):
   """(start_batch -> this process's training batches, the empty caption's cached hidden
   states or None), from the typography task (`make_iterator`), JPEG XL shards in buckets,
   or an encoder cache, as `data` says."""
@@ -83,8 +83,8 @@ def make_batches(data, model, objective, train, shard_index: int, shard_count: i
   if data.encoder_cache:  # cached encoder outputs instead of raw training data
     from charred.datasets import encoder_cache  # pylint: disable=g-import-not-at-top
     cache = encoder_cache.EncoderCache(data.encoder_cache)
-    cache.check_model(model, objective, train, encoder_cache.initial_text_encoder_params(
-        model, train.seed, codec), codec)
+    encoder = encoder_cache.initial_text_encoder_params(model, train.seed, codec, init)
+    cache.check_model(model, objective, train, encoder, codec)
     return (lambda start_batch: cache.batches(rows, start_batch, seed=data.seed,
                                               shard_index=shard_index,
                                               shard_count=shard_count)), cache.empty_context
@@ -132,17 +132,19 @@ def run(workdir: str, experiment: Experiment) -> bool:
                                              tokenizer=text_tokenizer, **kwargs)
 
   from charred.models import pretrained  # pylint: disable=g-import-not-at-top
-  codec = pretrained.make_codec(model.pixel_space, model.autoencoder_path)  # the one VAE load
-  if jax.process_index() == 0:
-    pretrained.write_run_model(workdir, model)  # load_pretrained(workdir) needs no gin
+  codec = experiment_lib.build_codec(experiment)  # the one VAE load
+  if jax.process_index() == 0:  # load_pretrained(workdir) needs no gin
+    pretrained.write_run_model(workdir, model, experiment.init)
   batches, empty_context = make_batches(data, model, experiment.objective, train, shard_index,
-                                        shard_count, make_iterator=make_iterator, codec=codec)
+                                        shard_count, make_iterator=make_iterator, codec=codec,
+                                        init=experiment.init)
   diffusion_model = experiment_lib.build_model(experiment, codec, empty_context)
 
   # Each on its own cadence, built on first use: one that never runs reads no data.
   periodic = evaluators.periodic(experiment.evaluators, diffusion_model,
                                  experiment_lib.eval_data(experiment), workdir)
-  state = trainer.train(workdir, diffusion_model, train, batches, evaluators=periodic)
+  state = trainer.train(workdir, diffusion_model, train, batches, evaluators=periodic,
+                        init=experiment.init)
   return int(state.step) >= train.train_steps
 
 

@@ -37,7 +37,7 @@ def latent_model():
                       layers_per_block=1, attention_head_dim=(1,), cross_attention_dim=16,
                       norm_num_groups=4, upcast_attention=False),
       noise_schedule=diffusion.NoiseSchedule('scaled_linear'), prediction_type='epsilon',
-      text_length=16, image_size=(16, 16), pixel_space=False, autoencoder_path=VAE_DIR)
+      text_length=16, image_size=(16, 16), pixel_space=False)
 
 
 def raw_examples():

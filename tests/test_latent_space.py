@@ -28,7 +28,7 @@ def latent_model():
                       attention_head_dim=(1, 2), cross_attention_dim=32, norm_num_groups=8,
                       upcast_attention=False),
       noise_schedule=diffusion.NoiseSchedule('scaled_linear'), prediction_type='epsilon',
-      text_length=16, image_size=(16, 16), pixel_space=False, autoencoder_path=VAE_DIR)
+      text_length=16, image_size=(16, 16), pixel_space=False)
 
 
 def test_latent_model_trains_and_samples_full_size_images(tmp_path):
@@ -61,7 +61,7 @@ def test_codec_encodes_the_scaled_posterior_mean():
 
 
 def test_pixel_space_false_without_a_vae_is_a_clear_error():
-  with pytest.raises(ValueError, match='autoencoder_path'):
+  with pytest.raises(ValueError, match='InitConfig.autoencoder'):
     make_codec(False, None)
 
 

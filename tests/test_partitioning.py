@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from charred.models import pretrained
 from charred.models.diffusion_model import DiffusionModel
 from charred.trainers import distributed, partitioning, trainer
 from charred.trainers.optimizer import OptimizerConfig
@@ -178,11 +179,11 @@ def test_sharded_state_starts_from_a_pretrained_unet(tmp_path):
   from test_pretrained_init import _write_random  # pylint: disable=g-import-not-at-top
   config = nano_model()
   path, unet = _write_random(tmp_path, 'unet', config.unet, 2)
-  model = DiffusionModel(dataclasses.replace(config, unet_checkpoint=path))
+  model = DiffusionModel(config)
   train_config = multidevice_runs.train_config(-1, 1, 1)
   mesh = partitioning.make_mesh(train_config.partitioning)
   state = trainer.create_sharded_state(model, train_config, trainer.make_tx(train_config),
-                                       mesh)
+                                       mesh, init=pretrained.InitConfig(unet=path))
   got = flatten_dict(state.params['unet'], sep='/')
   ema = flatten_dict(state.ema_params['unet'], sep='/')
   assert set(got) == set(unet)

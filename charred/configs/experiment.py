@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 from charred.datasets.bucketing import BucketConfig
 from charred.evaluation import evaluators
+from charred.models import pretrained
 from charred.models.diffusion_model import DiffusionModel, ObjectiveConfig
 from charred.models.text_to_image import TextToImageConfig
 from charred.trainers.trainer import TrainConfig
@@ -64,6 +65,8 @@ class Experiment:
   train: TrainConfig
   objective: ObjectiveConfig = ObjectiveConfig()
   data: DataConfig = DataConfig()
+  # What the weights start from: pretrained text encoder / U-Net, the latent space's VAE.
+  init: pretrained.InitConfig = pretrained.InitConfig()
   # Name -> evaluator config; the config's type picks the evaluator, its `every` the
   # cadence and its `split` the data (charred.evaluation.evaluators).
   evaluators: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {
@@ -72,6 +75,11 @@ class Experiment:
 
   def __post_init__(self):
     evaluators.check(self.evaluators)
+
+
+def build_codec(experiment: Experiment):
+  """Pixels, or the frozen VAE of `init.autoencoder`: read once per process."""
+  return pretrained.make_codec(experiment.model.pixel_space, experiment.init.autoencoder)
 
 
 def build_model(experiment: Experiment, codec, empty_context=None) -> DiffusionModel:

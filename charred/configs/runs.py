@@ -9,9 +9,8 @@ from typing import Any
 import gin
 
 from charred.configs import gin_utils
-from charred.configs.experiment import Experiment, build_model
+from charred.configs.experiment import Experiment, build_codec, build_model
 from charred.models.diffusion_model import DiffusionModel
-from charred.models.pretrained import make_codec
 from charred.trainers import checkpoints, trainer
 
 
@@ -44,8 +43,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints.')
-  model = build_model(experiment, make_codec(experiment.model.pixel_space,
-                                              experiment.model.autoencoder_path))
+  model = build_model(experiment, build_codec(experiment))
   tx = trainer.make_tx(experiment.train, model.frozen)
   state, data_state = ckpt.restore(trainer.abstract_state(model, experiment.train, tx), step)
   ckpt.close()

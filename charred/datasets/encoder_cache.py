@@ -40,7 +40,7 @@ import numpy as np
 from charred import tokenizer
 from charred.datasets import jxl_shards
 from charred.models.image_codec import LatentCodec
-from charred.models.pretrained import load_checkpoints
+from charred.models.pretrained import InitConfig, load_checkpoints
 from charred.models.text_to_image import TextToImage, TextToImageConfig, init_params
 
 MANIFEST = 'manifest.json'
@@ -94,16 +94,16 @@ def model_fingerprint(model_config: TextToImageConfig, text_encoder_params, code
       codec=codec_print))
 
 
-def initial_text_encoder_params(model_config: TextToImageConfig, seed: int, codec):
-  """The text encoder a run of `model_config` starts from, and keeps when frozen: its
-  `text_encoder_checkpoint`, or the random init `TrainConfig.seed` gives."""
-  random = TextToImage(dataclasses.replace(model_config, text_encoder_checkpoint=None,
-                                           unet_checkpoint=None))
-  init = lambda: init_params(random, jax.random.PRNGKey(seed), codec)['text_encoder']
-  if not model_config.text_encoder_checkpoint:
-    return jax.jit(init)()
-  only_encoder = dataclasses.replace(model_config, unet_checkpoint=None)
-  return load_checkpoints(only_encoder, {'text_encoder': jax.eval_shape(init)})['text_encoder']
+def initial_text_encoder_params(model_config: TextToImageConfig, seed: int, codec,
+                                init: InitConfig | None = None):
+  """The text encoder a run of `model_config` starts from, and keeps when frozen:
+  `init.text_encoder`, or the random init `TrainConfig.seed` gives."""
+  random = lambda: init_params(TextToImage(model_config), jax.random.PRNGKey(seed),
+                               codec)['text_encoder']
+  if init is None or not init.text_encoder:
+    return jax.jit(random)()
+  only_encoder = InitConfig(text_encoder=init.text_encoder)
+  return load_checkpoints(only_encoder, {'text_encoder': jax.eval_shape(random)})['text_encoder']
 
 
 # Writing.

@@ -15,6 +15,7 @@ Formats are detected from the files:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -99,7 +100,7 @@ def read_charred_model(path: str):
   if kind not in MODEL_KINDS:
     raise ValueError(f'{path}: unknown model kind {kind!r}; expected one of '
                      f'{sorted(MODEL_KINDS)}.')
-  config = config_from_dict(MODEL_KINDS[kind].config, meta['config'])
+  config = config_from_dict(MODEL_KINDS[kind].config, _current(meta['config']))
   params_dir = os.path.join(path, 'params')
   if not os.path.isdir(params_dir):
     raise FileNotFoundError(f'{params_dir} is missing: an incomplete charred model folder.')
@@ -116,14 +117,26 @@ def read_charred_model(path: str):
 # --- training runs ---------------------------------------------------------------------------
 
 
-def write_run_model(workdir: str, config: TextToImageConfig) -> None:
-  """Records a run's model config beside its checkpoints, so that its weights load
-  (`load_pretrained(workdir)`) without its gin files or the trainer."""
+# Initial-weight paths that model configs held before InitConfig: provenance, not
+# architecture; dropped when older files are read.
+_RETIRED_FIELDS = ('autoencoder_path', 'text_encoder_checkpoint', 'unet_checkpoint')
+
+
+def _current(raw: dict) -> dict:
+  return {k: v for k, v in raw.items() if k not in _RETIRED_FIELDS}
+
+
+def write_run_model(workdir: str, config: TextToImageConfig,
+                    init: InitConfig | None = None) -> None:
+  """Records a run's model config (and what it started from) beside its checkpoints, so
+  that its weights load (`load_pretrained(workdir)`) without its gin files or the
+  trainer; `init.autoencoder` names the VAE a latent-space run decodes with."""
   os.makedirs(workdir, exist_ok=True)
   tmp = os.path.join(workdir, RUN_MODEL_FILE + '.tmp')
   with open(tmp, 'w') as f:
     json.dump({'format_version': FORMAT_VERSION, 'kind': 'text_to_image',
-               'config': config_to_dict(config)}, f, indent=2)
+               'config': config_to_dict(config),
+               'init': dataclasses.asdict(init or InitConfig())}, f, indent=2)
   os.replace(tmp, os.path.join(workdir, RUN_MODEL_FILE))
 
 
@@ -131,7 +144,7 @@ def read_charred_run(workdir: str, step: int | None = None):
   """(TextToImageConfig, EMA params) of a run's checkpoint `step` (default: newest)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, RUN_MODEL_FILE)) as f:
-    config = config_from_dict(TextToImageConfig, json.load(f)['config'])
+    config = config_from_dict(TextToImageConfig, _current(json.load(f)['config']))
   root = os.path.join(workdir, 'checkpoints')
   steps = sorted(int(d) for d in os.listdir(root) if d.isdigit())
   if not steps:
@@ -155,12 +168,27 @@ def read_charred_run(workdir: str, step: int | None = None):
 # --- initial weights and the codec ------------------------------------------------------------
 
 
-def load_checkpoints(config: TextToImageConfig, params):
-  """`params` with the text encoder and U-Net replaced by their pretrained checkpoints
-  where `config` names them (only the shapes of the replaced parts are read)."""
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+  """Where a model's initial weights come from (t5x's RestoreCheckpointConfig, big_vision's
+  model_init): paths in any format `load_pretrained` reads, e.g. a t5x ByT5 checkpoint,
+  an SD 2.1 `unet/` folder or a charred run. None: random (or, for the autoencoder, no
+  VAE: a pixel-space model). The model config says what the network is; this says what
+  it starts from, so a model config holds no file paths."""
+  text_encoder: str | None = None  # shapes must fit TextToImageConfig.text_encoder
+  unet: str | None = None  # shapes must fit TextToImageConfig.unet
+  autoencoder: str | None = None  # the frozen VAE of a latent-space model (pixel_space=False)
+
+  def without_checkpoints(self) -> InitConfig:
+    """This config with random text encoder and U-Net (the VAE kept)."""
+    return dataclasses.replace(self, text_encoder=None, unet=None)
+
+
+def load_checkpoints(init: InitConfig, params):
+  """`params` with the text encoder and U-Net replaced by the pretrained checkpoints
+  `init` names (only the shapes of the replaced parts are read)."""
   params = dict(params)
-  for part, path in (('text_encoder', config.text_encoder_checkpoint),
-                     ('unet', config.unet_checkpoint)):
+  for part, path in (('text_encoder', init.text_encoder), ('unet', init.unet)):
     if path:
       params[part] = _load_part(path, part, params[part])
   return params
@@ -197,12 +225,13 @@ def load_autoencoder(path: str) -> LatentCodec:
 
 
 def make_codec(pixel_space: bool, autoencoder_path: str | None):
-  """The codec a model config asks for: pixels, or the frozen VAE at `autoencoder_path`."""
+  """Pixels, or (pixel_space False) the frozen VAE at `autoencoder_path`."""
   if pixel_space:
     return PixelCodec()
   if not autoencoder_path:
-    raise ValueError('pixel_space=False needs autoencoder_path: an AutoencoderKL folder '
-                     '(diffusers PyTorch or Flax, a Stable Diffusion repository, or charred).')
+    raise ValueError('pixel_space=False needs InitConfig.autoencoder: an AutoencoderKL '
+                     'folder (diffusers PyTorch or Flax, a Stable Diffusion repository, or '
+                     'charred).')
   return load_autoencoder(autoencoder_path)
 
 

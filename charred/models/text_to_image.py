@@ -27,18 +27,12 @@ class TextToImageConfig:
   text_length: int = 64  # bytes, including EOS.
   image_size: tuple[int, int] = (64, 64)  # (height, width) of what the U-Net sees.
   # Pixel space (as DeepFloyd IF's first stage): the U-Net denoises RGB images in [-1, 1].
-  # Otherwise it denoises the latents of a frozen VAE read from `autoencoder_path`
-  # (any AutoencoderKL `charred.models.load_pretrained` reads: diffusers PyTorch or Flax, charred).
+  # Otherwise it denoises the latents of a frozen VAE (its codec, built from the
+  # experiment's `pretrained.InitConfig.autoencoder`).
   pixel_space: bool = True
-  autoencoder_path: str | None = None
   # The U-Net sees non-overlapping p x p patches stacked into channels (space-to-depth, as
   # in Simple Diffusion, arXiv 2301.11093): p^2 less work per layer at the same output size.
   patch_size: int = 1
-  # Start from converted or foreign weights (any format `charred.models.load_pretrained`
-  # reads, e.g. a t5x ByT5 checkpoint or an SD 2.1 unet/ folder) instead of random ones.
-  # The checkpoint's shapes must fit `text_encoder` / `unet` above.
-  text_encoder_checkpoint: str | None = None
-  unet_checkpoint: str | None = None
   # What turns prompts into encoder ids: 'bytes' (ByT5's byte vocabulary) or a subword
   # vocabulary of charred.subword (e.g. 'subword_en_1k': the character-blind arm, whose
   # ids say nothing of the letters inside a piece). text_encoder.vocab_size must hold it.
@@ -123,7 +117,7 @@ def depth_to_space(x, p: int):
 
 def init_params(model: TextToImage, rng: jax.Array, codec, batch_size: int = 1):
   """Randomly initialised parameters for `model` (`charred.models.pretrained.
-  load_checkpoints` then replaces the parts the config names checkpoints for)."""
+  load_checkpoints` then replaces the parts an InitConfig names checkpoints for)."""
   c = model.config
   x = jnp.zeros((batch_size,) + c.diffusion_shape(codec), jnp.float32)
   tokens = jnp.ones((batch_size, c.text_length), jnp.int32)

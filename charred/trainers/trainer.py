@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from charred.models import pretrained
 from charred.models.diffusion_model import DiffusionModel, batch_size_of, host_batch
-from charred.models.pretrained import load_checkpoints
 from charred.trainers import checkpoints, optimizer as optimizer_lib
 from charred.trainers import distributed, monitoring
 from charred.trainers import partitioning
@@ -174,11 +174,14 @@ def raise_if_nonfinite(metrics, step: int) -> None:
         "(nan_policy='stop'). The last checkpoint is intact.")
 
 
-def create_state(model: DiffusionModel, config: TrainConfig, tx) -> TrainState:
-  """The initial state: random parameters from `config.seed`, with the parts the model
-  config names checkpoints for loaded from them."""
+def create_state(model: DiffusionModel, config: TrainConfig, tx,
+                 init: pretrained.InitConfig | None = None) -> TrainState:
+  """The initial state: random parameters from `config.seed`, with the parts `init`
+  names checkpoints for loaded from them."""
   params = model.init_params(jax.random.PRNGKey(config.seed))
-  return state_from_params(load_checkpoints(model.config, params), tx)
+  if init is not None:
+    params = pretrained.load_checkpoints(init, params)
+  return state_from_params(params, tx)
 
 
 def state_from_params(params, tx) -> TrainState:
@@ -187,18 +190,9 @@ def state_from_params(params, tx) -> TrainState:
                     opt_state=tx.init(params))
 
 
-def _without_checkpoints(model: DiffusionModel) -> DiffusionModel:
-  """The same model without checkpoint paths: create_state loads no pretrained part."""
-  c = model.config
-  if not (c.text_encoder_checkpoint or c.unet_checkpoint):
-    return model
-  return model.replace(config=dataclasses.replace(c, text_encoder_checkpoint=None,
-                                                  unet_checkpoint=None))
-
-
 def abstract_state(model: DiffusionModel, config: TrainConfig, tx) -> TrainState:
   """The shapes and dtypes of the state `create_state` builds; nothing allocated or read."""
-  return jax.eval_shape(lambda: create_state(_without_checkpoints(model), config, tx))
+  return jax.eval_shape(lambda: create_state(model, config, tx))
 
 
 def param_axes(model: DiffusionModel):
@@ -218,15 +212,15 @@ def state_shardings(model: DiffusionModel, config: TrainConfig, tx, mesh,
 
 
 def create_sharded_state(model: DiffusionModel, config: TrainConfig, tx, mesh,
-                         rules: partitioning.Rules | None = None) -> TrainState:
-  """`create_state`, born sharded: each device initialises only its own shards. Pretrained
-  parts are read on the host and placed onto the same shardings."""
+                         rules: partitioning.Rules | None = None,
+                         init: pretrained.InitConfig | None = None) -> TrainState:
+  """`create_state`, born sharded: each device initialises only its own shards. The
+  pretrained parts `init` names are read on the host and placed onto the same shardings."""
   shardings = state_shardings(model, config, tx, mesh, rules)
-  random = _without_checkpoints(model)
-  state = jax.jit(lambda: create_state(random, config, tx), out_shardings=shardings)()
-  if random is model:
+  state = jax.jit(lambda: create_state(model, config, tx), out_shardings=shardings)()
+  if init is None or init == init.without_checkpoints():
     return state
-  params = partitioning.place(load_checkpoints(model.config, state.params), shardings.params)
+  params = partitioning.place(pretrained.load_checkpoints(init, state.params), shardings.params)
   return jax.jit(functools.partial(state_from_params, tx=tx), out_shardings=shardings,
                  donate_argnums=0)(params)
 
@@ -259,11 +253,13 @@ def jit_train_step(model: DiffusionModel, config: TrainConfig, tx, state: TrainS
 
 
 def train(workdir: str, model: DiffusionModel, config: TrainConfig, batches: BatchesFn,
-          evaluators: Sequence[Any] = (), log: Callable[[str], None] = print) -> TrainState:
+          evaluators: Sequence[Any] = (), log: Callable[[str], None] = print,
+          init: pretrained.InitConfig | None = None) -> TrainState:
   """Trains `model` to `config.train_steps`, resuming from `workdir/checkpoints` if present.
 
   `evaluators`: `evaluators.PeriodicEvaluator`s (or anything with a `name` and that call
-  signature), called after every step with the EMA params.
+  signature), called after every step with the EMA params. `init`: the pretrained parts a
+  fresh run starts from (a resumed run reads only its checkpoint).
   """
   check_model(model, config)
   tx = make_tx(config, model.frozen)
@@ -285,7 +281,7 @@ def train(workdir: str, model: DiffusionModel, config: TrainConfig, batches: Bat
     cleanup.enter_context(preemption.handling())  # from here on, SIGTERM stops cleanly
     data_state = {'position': 0}
     if ckpt.latest_step() is None:
-      state = create_sharded_state(model, config, tx, mesh, pconfig.rules)
+      state = create_sharded_state(model, config, tx, mesh, pconfig.rules, init)
     else:  # straight onto the mesh: nothing initialised, no pretrained weights read
       state, data_state = ckpt.restore(
           abstract_state(model, config, tx), shardings=state_shardings(model, config, tx, mesh, pconfig.rules),
