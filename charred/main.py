@@ -105,12 +105,15 @@ def make_batches(data, model, objective, train, shard_index: int, shard_count: i
       shard_index=shard_index, shard_count=shard_count)), None
 
 
-def run(workdir: str, experiment: Experiment) -> bool:
-  """Trains; True when the run reached train_steps, False when a SIGTERM stopped it."""
+def setup(workdir: str, experiment: Experiment):
+  """Everything before the first step: the data prepared, the codec read, the training
+  batches, the model and its evaluators. Writes nothing into `workdir`, so a refused run
+  (bad data, a VAE that does not load, a cache for other weights) leaves no trace there.
+  Returns (model, batches, evaluators)."""
   from charred.configs import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from charred.evaluation import evaluators  # pylint: disable=g-import-not-at-top
   from charred.trainers import distributed  # pylint: disable=g-import-not-at-top
-  from charred.trainers import partitioning, trainer  # pylint: disable=g-import-not-at-top
+  from charred.trainers import partitioning  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
   data, model, train = experiment.data, experiment.model, experiment.train
@@ -131,21 +134,30 @@ def run(workdir: str, experiment: Experiment) -> bool:
     return experiment_lib.typography_batches(data, 'train', batch_size, text_length,
                                              tokenizer=text_tokenizer, **kwargs)
 
-  from charred.models import pretrained  # pylint: disable=g-import-not-at-top
   codec = experiment_lib.build_codec(experiment)  # the one VAE load
-  if jax.process_index() == 0:  # load_pretrained(workdir) needs no gin
-    pretrained.write_run_model(workdir, model, experiment.init)
   batches, empty_context = make_batches(data, model, experiment.objective, train, shard_index,
                                         shard_count, make_iterator=make_iterator, codec=codec,
                                         init=experiment.init)
   diffusion_model = experiment_lib.build_model(experiment, codec, empty_context)
-
   # Each on its own cadence, built on first use: one that never runs reads no data.
   periodic = evaluators.periodic(experiment.evaluators, diffusion_model,
                                  experiment_lib.eval_data(experiment), workdir)
-  state = trainer.train(workdir, diffusion_model, train, batches, evaluators=periodic,
+  return diffusion_model, batches, periodic
+
+
+def run_training(workdir: str, experiment: Experiment, model, batches, periodic) -> bool:
+  """Writes the run's records (config.gin, charred_run.json) and trains what `setup`
+  built; True when the run reached train_steps, False when a SIGTERM stopped it."""
+  from charred.models import pretrained  # pylint: disable=g-import-not-at-top
+  from charred.trainers import trainer  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    write_config(workdir)
+    # load_pretrained(workdir) reads the weights with neither gin nor the trainer.
+    pretrained.write_run_model(workdir, experiment.model, experiment.init)
+  state = trainer.train(workdir, model, experiment.train, batches, evaluators=periodic,
                         init=experiment.init)
-  return int(state.step) >= train.train_steps
+  return int(state.step) >= experiment.train.train_steps
 
 
 # The shell's code for "terminated by SIGTERM": schedulers (SLURM, Kubernetes, XManager)
@@ -175,10 +187,11 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except (ValueError, RuntimeError) as e:
     gin_utils.exit_with_error('charred.main', e)
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_index() == 0:
-    write_config(_WORKDIR.value)
-  if not run(_WORKDIR.value, experiment):
+  try:
+    model, batches, periodic = setup(_WORKDIR.value, experiment)
+  except (ValueError, OSError) as e:  # bad data or weights: one line, nothing written
+    gin_utils.exit_with_error('charred.main', e)
+  if not run_training(_WORKDIR.value, experiment, model, batches, periodic):
     sys.exit(EXIT_PREEMPTED)
 
 

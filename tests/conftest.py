@@ -10,9 +10,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO_GIN = 'experiments/typography_micro.gin'
 
 
-def run_cli(module, *args, timeout=600, check=True):
-  """Runs `python -m charred.<module> args...` from the repo root."""
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+def run_cli(module, *args, timeout=600, check=True, env=None):
+  """Runs `python -m charred.<module> args...` from the repo root (`env`: extra variables)."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', **(env or {}))
   proc = subprocess.run([sys.executable, '-m', f'charred.{module}', *args], cwd=REPO,
                         capture_output=True, text=True, timeout=timeout, env=env)
   if check and proc.returncode != 0:

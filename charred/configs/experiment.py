@@ -75,6 +75,10 @@ class Experiment:
 
   def __post_init__(self):
     evaluators.check(self.evaluators)
+    if not self.model.pixel_space and not self.init.autoencoder:
+      raise ValueError('A latent-space model (TextToImageConfig.pixel_space=False) needs '
+                       'its VAE: set pretrained.InitConfig.autoencoder (in latent_tiny.gin: '
+                       '--gin.AUTOENCODER="\'DIR\'").')
 
 
 def build_codec(experiment: Experiment):

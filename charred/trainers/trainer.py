@@ -298,7 +298,7 @@ def train(workdir: str, model: DiffusionModel, config: TrainConfig, batches: Bat
     writer = monitor.writer
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     log(f'{num_params:,} parameters; training to step {config.train_steps} with batch '
-        f'{config.batch_size}.')
+        f'{config.batch_size} on mesh {dict(mesh.shape)}.')
 
     step_fn = jit_train_step(model, config, tx, state, batch_sharding)
     # Host numpy: every process passes the same key, replicated by the jit.
