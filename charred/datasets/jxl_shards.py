@@ -297,12 +297,14 @@ def write_shards(examples: Iterable[dict[str, Any]], out_dir: str, *,
                  examples_per_shard: int = 1000, split: str = "train",
                  source: dict[str, Any] | None = None, max_pixels: int | None = None,
                  num_workers: int | None = None, overwrite: bool = False,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 log: Callable[[str], None] | None = None,
+                 filtered: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
   """Encodes `examples` (see `make_record`) into JPEG XL shards + manifest; returns it.
 
   Examples keep their input order. Bad examples are skipped and counted by reason
   in the manifest's `skipped`. Encoding runs on `num_workers` threads (default: all
-  cores), as libjxl releases the GIL.
+  cores), as libjxl releases the GIL. `filtered()`, called once `examples` is spent, gives
+  the manifest's `filtered`: what quality filters upstream dropped, by filter and reason.
   """
   if record_format not in FORMATS:
     raise ValueError(f"format {record_format!r} is not one of {FORMATS}.")
@@ -361,6 +363,7 @@ def write_shards(examples: Iterable[dict[str, Any]], out_dir: str, *,
       num_records=sum(s["num_records"] for s in shards),
       num_examples_read=num_read,
       skipped=dict(sorted(skipped.items())),
+      filtered=filtered() if filtered else {},
       total_bytes=sum(s["num_bytes"] for s in shards),
       image_bytes=image_bytes,
       created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

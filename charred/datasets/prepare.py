@@ -1,9 +1,18 @@
-r"""Writes a TFDS split as JPEG XL shards + manifest (see `jxl_shards`).
+r"""Writes a TFDS split, or a web source through its quality filters, as JPEG XL shards +
+manifest (see `jxl_shards`).
 
   python -m charred.datasets.prepare --builder=NAME[/CONFIG] --split=train --out=DIR \
       [--data_dir=...] [--manual_dir=...] [--format=array_record|tfrecord] \
       [--quality=<distance>|q<quality>|lossless] [--effort=3] [--decoding_speed=2] \
       [--examples_per_shard=N] [--max_pixels=N] [--num_workers=N] [--overwrite]
+  python -m charred.datasets.prepare --task=laion_hr|wit [--filters=a,b,...] --out=DIR ...
+
+`--task` reads the source through its SeqIO task (`source_tasks.web_task`): the named
+quality filters (default `source_tasks.DEFAULT_FILTERS`; `--filters=` for none) run
+before anything is written, and the manifest's `filtered` counts what each dropped, by
+reason. What they drop never reaches the shards, so never a training batch.
+`--rebalance=N [--max_repeat=R]` writes N examples drawn from the filtered ones with
+languages at mT5's distribution (`languages.register_rebalanced_mixture`).
 
 The builder is generated first if `data_dir` does not hold it yet (builders that read
 local files take them from `--manual_dir`); `charred.datasets.<NAME>` is imported to
@@ -17,12 +26,14 @@ deletes it); manifest.json is written last, so a DIR without one is unfinished.
 """
 from __future__ import annotations
 
+import collections
 import importlib
+import itertools
 import os
 import re
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from absl import app
 from absl import flags
@@ -31,6 +42,14 @@ from absl import logging
 from charred.datasets import jxl_shards
 
 _BUILDER = flags.DEFINE_string("builder", None, "TFDS builder NAME[/CONFIG][:VERSION].")
+_TASK = flags.DEFINE_string("task", None, "A web source read through its quality-filtered "
+                            "SeqIO task: laion_hr or wit (instead of --builder).")
+_FILTERS = flags.DEFINE_list("filters", None, "With --task: the quality filters, in order "
+                             "(default: source_tasks.DEFAULT_FILTERS; empty for none).")
+_REBALANCE = flags.DEFINE_integer("rebalance", None, "With --task: write this many examples "
+                                  "drawn with languages at mT5's distribution.")
+_MAX_REPEAT = flags.DEFINE_float("max_repeat", None, "With --rebalance: read no language "
+                                 "more than this many times.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Local source files of the builder.")
 _SPLIT = flags.DEFINE_string("split", "train", "Split, with TFDS slicing if wanted.")
@@ -103,25 +122,102 @@ def iter_examples(builder, split: str) -> Iterator[dict[str, Any]]:
     yield out
 
 
+def iter_task_examples(task_name: str, split: str,
+                       num_epochs: int | None = 1) -> Iterator[dict[str, Any]]:
+  """A SeqIO task's or mixture's examples in order (a mixture's draws seeded), as
+  `jxl_shards.make_record` inputs (the tasks keep their images encoded)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  provider = seqio.get_mixture_or_task(task_name)
+  keep = ("image", "caption", "key", *_OPTIONAL_TEXT, *jxl_shards.EXTRA_FLOAT_KEYS)
+  # A mixture keeps only its output features unless told otherwise.
+  extra = ({"passthrough_features": keep} if isinstance(provider, seqio.Mixture) else {})
+  ds = provider.get_dataset(None, split=split, shuffle=False, seed=0, num_epochs=num_epochs,
+                            **extra)
+  for ex in tfds.as_numpy(ds):
+    yield {k: ex[k] for k in keep if k in ex}
+
+
+def prepare_task(source: str, split: str, out: str, *,
+                 filter_names: Sequence[str] | None = None, data_dir: str | None = None,
+                 manual_dir: str | None = None, rebalance: int | None = None,
+                 max_repeat: float | None = None, **shard_options) -> dict[str, Any]:
+  """Writes web source `source`'s `split`, through its filters, as JPEG XL shards into
+  `out`; returns the manifest. `shard_options` as `prepare`.
+
+  `rebalance`: instead of each example once, write this many drawn with languages at
+  mT5's distribution (`languages.register_rebalanced_mixture` over the filtered task; no
+  language read more than `max_repeat` times). The manifest's `source.languages` holds
+  the filtered examples per language and the sampling rates.
+  """
+  from charred.datasets import filters, source_tasks  # pylint: disable=g-import-not-at-top
+  filter_names = (source_tasks.DEFAULT_FILTERS if filter_names is None
+                  else tuple(filter_names))
+  source_tasks.check_filters(filter_names)  # Bad names fail before any slow work.
+  if source not in source_tasks.WEB_SOURCES:
+    raise ValueError(f"unknown web source {source!r}; the sources are "
+                     f"{', '.join(source_tasks.WEB_SOURCES)}.")
+  _check_output(out, shard_options.get("overwrite", False))
+  builder = load_builder(source_tasks.WEB_SOURCES[source], data_dir, manual_dir)
+  counts = filters.FilterCounts()
+  task = source_tasks.web_task(source, filter_names, data_dir, counts)
+  described = dict(_describe(source_tasks.WEB_SOURCES[source], builder), task=source,
+                   filters=list(filter_names))
+  if not rebalance:
+    return _write(iter_task_examples(task, split), out, split, described,
+                  filtered=counts.as_dict, **shard_options)
+  from charred.datasets import languages  # pylint: disable=g-import-not-at-top
+  # A census of the filtered examples' languages; its filter counts are the manifest's
+  # (the mixture re-reads the source once per language).
+  census = collections.Counter()
+  for ex in iter_task_examples(task, split):
+    census[languages.resolve_language(ex.get("language", b""), ex["caption"])] += 1
+  filtered = counts.as_dict()
+  rates = languages.register_rebalanced_mixture(f"{task}_balanced", task, census,
+                                                num_examples=rebalance,
+                                                max_repeat=max_repeat, split=split)
+  described["languages"] = dict(counts=dict(sorted(census.items())), rates=rates)
+  draws = itertools.islice(iter_task_examples(f"{task}_balanced", split, num_epochs=None),
+                           rebalance)
+  return _write(draws, out, split, described, filtered=lambda: filtered, **shard_options)
+
+
+def _check_output(out: str, overwrite: bool) -> None:
+  if os.path.exists(out) and os.listdir(out) and not overwrite:  # Before any slow work.
+    raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it.")
+
+
+def _describe(builder_name: str, builder) -> dict[str, Any]:
+  return dict(builder=builder_name, name=builder.name,
+              config=builder.builder_config.name if builder.builder_config else None,
+              version=str(builder.version), data_dir=str(builder.data_dir))
+
+
+def _write(examples, out: str, split: str, source: dict[str, Any], *,
+           record_format: str = "array_record", settings: jxl_shards.JxlSettings | None = None,
+           examples_per_shard: int = 1000, max_pixels: int | None = None,
+           num_workers: int | None = None, overwrite: bool = False,
+           filtered=None) -> dict[str, Any]:
+  return jxl_shards.write_shards(
+      examples, out, settings=settings or jxl_shards.JxlSettings(),
+      record_format=record_format, examples_per_shard=examples_per_shard,
+      split=re.sub(r"[^A-Za-z0-9_.-]+", "_", split).strip("_"), source=source,
+      max_pixels=max_pixels, num_workers=num_workers, overwrite=overwrite,
+      log=lambda line: print(line, flush=True), filtered=filtered)
+
+
 def prepare(builder_name: str, split: str, out: str, *, data_dir: str | None = None,
             manual_dir: str | None = None, record_format: str = "array_record",
             settings: jxl_shards.JxlSettings | None = None,
             examples_per_shard: int = 1000, max_pixels: int | None = None,
             num_workers: int | None = None, overwrite: bool = False) -> dict[str, Any]:
   """Writes `builder_name`'s `split` as JPEG XL shards into `out`; returns the manifest."""
-  if os.path.exists(out) and os.listdir(out) and not overwrite:  # Before any slow work.
-    raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it.")
+  _check_output(out, overwrite)
   builder = load_builder(builder_name, data_dir, manual_dir)
-  source = dict(builder=builder_name, name=builder.name,
-                config=builder.builder_config.name if builder.builder_config else None,
-                version=str(builder.version), data_dir=str(builder.data_dir))
-  return jxl_shards.write_shards(
-      iter_examples(builder, split), out, settings=settings or jxl_shards.JxlSettings(),
-      record_format=record_format,
-      examples_per_shard=examples_per_shard,
-      split=re.sub(r"[^A-Za-z0-9_.-]+", "_", split).strip("_"), source=source,
-      max_pixels=max_pixels, num_workers=num_workers, overwrite=overwrite,
-      log=lambda line: print(line, flush=True))
+  return _write(iter_examples(builder, split), out, split, _describe(builder_name, builder),
+                record_format=record_format, settings=settings,
+                examples_per_shard=examples_per_shard, max_pixels=max_pixels,
+                num_workers=num_workers, overwrite=overwrite)
 
 
 def main(argv):
@@ -131,19 +227,31 @@ def main(argv):
     sys.exit(f"{prog}: error: unexpected arguments {argv[1:]}")
   start = time.time()
   try:
-    if not _BUILDER.value or not _OUT.value:
-      raise ValueError("--builder and --out are required.")
+    if bool(_BUILDER.value) == bool(_TASK.value) or not _OUT.value:
+      raise ValueError("--out and exactly one of --builder or --task are required.")
+    if (_FILTERS.value is not None or _REBALANCE.value) and not _TASK.value:
+      raise ValueError("--filters and --rebalance apply to --task only (a builder is read "
+                       "as stored).")
     settings = jxl_shards.JxlSettings.parse(_QUALITY.value, effort=_EFFORT.value,
                                             decoding_speed=_DECODING_SPEED.value)
-    manifest = prepare(_BUILDER.value, _SPLIT.value, _OUT.value, data_dir=_DATA_DIR.value,
-                       manual_dir=_MANUAL_DIR.value, record_format=_FORMAT.value,
-                       settings=settings, examples_per_shard=_EXAMPLES_PER_SHARD.value,
-                       max_pixels=_MAX_PIXELS.value, num_workers=_NUM_WORKERS.value,
-                       overwrite=_OVERWRITE.value)
+    options = dict(data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value,
+                   record_format=_FORMAT.value, settings=settings,
+                   examples_per_shard=_EXAMPLES_PER_SHARD.value, max_pixels=_MAX_PIXELS.value,
+                   num_workers=_NUM_WORKERS.value, overwrite=_OVERWRITE.value)
+    if _TASK.value:
+      manifest = prepare_task(_TASK.value, _SPLIT.value, _OUT.value,
+                              filter_names=_FILTERS.value, rebalance=_REBALANCE.value,
+                              max_repeat=_MAX_REPEAT.value, **options)
+    else:
+      manifest = prepare(_BUILDER.value, _SPLIT.value, _OUT.value, **options)
   except (ValueError, OSError) as e:
     from charred.configs import gin_utils  # pylint: disable=g-import-not-at-top
     gin_utils.exit_with_error(prog, e)
   skipped = ", ".join(f"{k} {v}" for k, v in manifest["skipped"].items()) or "none"
+  dropped = {f"{name}/{reason}": n for name, outcomes in manifest["filtered"].items()
+             for reason, n in outcomes.items() if reason != "kept" and n}
+  if manifest["filtered"]:
+    skipped += "; filtered: " + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none")
   print(f"{manifest['num_records']} records in {len(manifest['shards'])} shards, "
         f"{manifest['total_bytes']:,} bytes -> {_OUT.value} (skipped: {skipped}; "
         f"{time.time() - start:.1f} s)")
