@@ -32,6 +32,7 @@ setuptools.setup(
         "matplotlib",  # ships the DejaVu fonts the typography data is rendered with
         "wordfreq",
         "sentencepiece",  # charred.subword: the character-blind subword tokenizer
+        "grain",  # the TF-free input pipeline (datasets.signs): checkpointable iterators
         "rapidfuzz",
         "rapidocr-onnxruntime==1.4.4",
         # Checkpoint formats (charred.models.convert):

@@ -196,3 +196,22 @@ def test_subword_glyph_tokens_name_the_piece_holding_the_letter():
     token = batch['glyph_tokens'][0][(box[1] + box[3]) // 2, (box[0] + box[2]) // 2]
     assert letter in pieces[token], (letter, pieces[token])
   assert batch['glyph_tokens'][0].max() < len(pieces)
+
+
+def test_iterator_state_resumes_the_stream_where_start_batch_would():
+  # Grain's iterator: its checkpointed state and `start_batch` count the same batches,
+  # with and without prefetching, and a restored iterator continues exactly.
+  def captions(iterator, n):
+    return [list(next(iterator)['caption']) for _ in range(n)]
+
+  straight = captions(signs.make_iterator('micro', 'train', 4, 32, seed=5, prefetch=0), 6)
+  running = signs.make_iterator('micro', 'train', 4, 32, seed=5, prefetch=3)
+  assert captions(running, 2) == straight[:2]
+  state = running.get_state()
+  assert captions(signs.make_iterator('micro', 'train', 4, 32, seed=5, start_batch=2),
+                  4) == straight[2:]
+  restored = signs.make_iterator('micro', 'train', 4, 32, seed=5, start_batch=2)
+  restored.set_state(state)
+  assert captions(restored, 4) == straight[2:]
+  assert restored.get_state() == signs.make_iterator(
+      'micro', 'train', 4, 32, seed=5, start_batch=6).get_state()

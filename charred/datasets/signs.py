@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import queue
-import threading
-from typing import Any, Callable, Iterator
+import sys
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -249,21 +248,20 @@ def make_batch(examples: list[dict[str, Any]], text_length: int, tokenizer=None,
   return batch
 
 
-def make_iterator(config: SignsConfig | str, split: str, batch_size: int, text_length: int,
-                  seed: int = 0, start_batch: int = 0, shuffle: bool = True,
-                  repeat: bool = True, shard_index: int = 0, shard_count: int = 1,
-                  tokenizer=None, glyph_tokens: bool = True, length_curriculum: int = 0,
-                  prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
-  """Batches of one split, rendered on the fly; `pipeline.make_iterator`'s contract.
+def make_dataset(config: SignsConfig | str, split: str, batch_size: int, text_length: int,
+                 seed: int = 0, shuffle: bool = True, repeat: bool = True,
+                 shard_index: int = 0, shard_count: int = 1, tokenizer=None,
+                 glyph_tokens: bool = True, length_curriculum: int = 0):
+  """This shard's batches of one split as a random-access `grain.MapDataset`: element k is
+  this shard's rows of global batch k, rendered when read.
 
   The stream is the concatenation of epochs (`epoch_order`), cut into global batches of
-  `batch_size * shard_count` rows; shard i yields rows [i * batch_size, (i+1) *
-  batch_size) of each. Batch k of the stream from 0 is batch 0 of the stream from
-  `start_batch=k`. Without `repeat`, only the full global batches of one epoch.
+  `batch_size * shard_count` rows; shard i holds rows [i * batch_size, (i+1) *
+  batch_size) of each. Without `repeat`, only the full global batches of one epoch.
   `length_curriculum` > 0: stream position p shows words of at most
   `curriculum_max_length(p, length_curriculum, ...)` letters (short words first).
-  `prefetch` batches are rendered ahead on a background thread.
   """
+  import grain  # pylint: disable=g-import-not-at-top
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} is not in [0, shard_count={shard_count}).")
   source = SignsSource(config, split)
@@ -272,7 +270,6 @@ def make_iterator(config: SignsConfig | str, split: str, batch_size: int, text_l
   if n < global_batch:
     raise ValueError(f"signs {split} has {n} examples, fewer than one batch of "
                      f"{global_batch}.")
-  num_batches = None if repeat else n // global_batch
 
   @functools.lru_cache(maxsize=2)
   def order(epoch):
@@ -287,52 +284,27 @@ def make_iterator(config: SignsConfig | str, split: str, batch_size: int, text_l
                                       else None) for p in positions],
                       text_length, tokenizer, glyph_tokens)
 
-  return _prefetched(batch, start_batch, num_batches, prefetch)
+  return grain.MapDataset.range(sys.maxsize if repeat else n // global_batch).map(batch)
 
 
-def _prefetched(make: Callable[[int], Any], start: int, stop: int | None,
-                depth: int) -> Iterator[Any]:
-  """make(start), make(start + 1), ... (up to `stop`), computed `depth` ahead on a
-  daemon thread; an exception there is raised here, at the batch it concerns."""
-  if depth <= 0:
-    k = start
-    while stop is None or k < stop:
-      yield make(k)
-      k += 1
-    return
-  q: queue.Queue = queue.Queue(maxsize=depth)
-  done = threading.Event()
+def make_iterator(config: SignsConfig | str, split: str, batch_size: int, text_length: int,
+                  seed: int = 0, start_batch: int = 0, prefetch: int = 4,
+                  **kwargs) -> Iterator[dict[str, np.ndarray]]:
+  """Batches of one split, rendered on the fly; `pipeline.make_iterator`'s contract.
 
-  def work():
-    k = start
-    while (stop is None or k < stop) and not done.is_set():
-      try:
-        item = (make(k), None)
-      except Exception as e:  # pylint: disable=broad-except
-        item = (None, e)
-      while not done.is_set():
-        try:
-          q.put(item, timeout=0.1)
-          break
-        except queue.Full:
-          pass
-      if item[1] is not None:
-        return
-      k += 1
-    q.put((StopIteration, None))
-
-  thread = threading.Thread(target=work, daemon=True)
-  thread.start()
-  try:
-    while True:
-      item, error = q.get()
-      if error is not None:
-        raise error
-      if item is StopIteration:
-        return
-      yield item
-  finally:
-    done.set()
+  Grain's iterator over `make_dataset` (kwargs as there) from batch `start_batch` on:
+  batch k of the stream from 0 is batch 0 of the stream from `start_batch=k`. `prefetch`
+  batches are rendered ahead on a background thread. The iterator checkpoints with
+  `get_state()` / `set_state()`, whose position counts from the stream's start, so the
+  trainer's record of it and `start_batch` agree.
+  """
+  import grain  # pylint: disable=g-import-not-at-top
+  dataset = make_dataset(config, split, batch_size, text_length, seed, **kwargs)
+  iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=1 if prefetch > 0 else 0, prefetch_buffer_size=max(prefetch, 0))))
+  if start_batch:
+    iterator.set_state(dict(iterator.get_state(), next_index=start_batch))
+  return iterator
 
 
 def rendering_targets(config: SignsConfig | str, split: str = VALIDATION) -> list[dict[str, str]]:
