@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
-import functools
 import hashlib
 import json
 import os
@@ -39,6 +38,7 @@ import numpy as np
 
 from charred import tokenizer
 from charred.datasets import jxl_shards
+from charred.datasets import streams
 from charred.models.image_codec import LatentCodec
 from charred.models.pretrained import InitConfig, load_checkpoints
 from charred.models.text_to_image import TextToImage, TextToImageConfig, init_params
@@ -361,23 +361,19 @@ class EncoderCache:
     """Numpy batches (see `read`) in the manner of `pipeline.make_iterator`: the stream is
     epochs 0, 1, ... (each a pass in `order(epoch)`) cut into global batches of
     `batch_size * shard_count` rows, of which shard i yields rows [i * batch_size,
-    (i + 1) * batch_size). Starting at `start_batch=k` yields exactly what the stream
-    from 0 yields after k batches, reading nothing before it. Without `repeat`, one epoch
-    and no incomplete last batch."""
-    if not 0 <= shard_index < shard_count:
-      raise ValueError(f'shard_index {shard_index} is not in [0, shard_count={shard_count}).')
+    (i + 1) * batch_size) (`streams.epoch_batches`). Starting at `start_batch=k` yields
+    exactly what the stream from 0 yields after k batches, reading nothing before it;
+    Grain's iterator checkpoints with `get_state()` / `set_state()`. Without `repeat`, one
+    epoch and no incomplete last batch."""
     n, global_batch = len(self), batch_size * shard_count
     if n < global_batch:
       raise ValueError(f'{self.cache_dir} holds {n} records, fewer than one batch of '
                        f'{global_batch}.')
-    orders = functools.lru_cache(maxsize=2)(lambda e: self.order(e, seed, shuffle))
-    batch = start_batch
-    while repeat or (batch + 1) * global_batch <= n:
-      first = batch * global_batch + shard_index * batch_size
-      positions = np.arange(first, first + batch_size)
-      epochs, within = np.divmod(positions, n)
-      yield self.read([orders(int(e))[i] for e, i in zip(epochs, within)])
-      batch += 1
+    dataset = streams.epoch_batches(n, lambda epoch: self.order(epoch, seed, shuffle),
+                                    batch_size, lambda positions, indices: self.read(indices),
+                                    repeat=repeat, shard_index=shard_index,
+                                    shard_count=shard_count)
+    return streams.iterate(dataset, start_batch)
 
   def check_model(self, model_config: TextToImageConfig, objective, train_config,
                   text_encoder_params, codec) -> None:

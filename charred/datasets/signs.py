@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from typing import Any, Iterator
 
 import numpy as np
 
 from charred import tokenizer as bytes_tokenizer
 from charred.datasets import render as render_lib
+from charred.datasets import streams
 from charred.datasets import words as words_lib
 
 TRAIN, VALIDATION = "train", "validation"
@@ -252,39 +252,28 @@ def make_dataset(config: SignsConfig | str, split: str, batch_size: int, text_le
                  seed: int = 0, shuffle: bool = True, repeat: bool = True,
                  shard_index: int = 0, shard_count: int = 1, tokenizer=None,
                  glyph_tokens: bool = True, length_curriculum: int = 0):
-  """This shard's batches of one split as a random-access `grain.MapDataset`: element k is
-  this shard's rows of global batch k, rendered when read.
-
-  The stream is the concatenation of epochs (`epoch_order`), cut into global batches of
-  `batch_size * shard_count` rows; shard i holds rows [i * batch_size, (i+1) *
-  batch_size) of each. Without `repeat`, only the full global batches of one epoch.
-  `length_curriculum` > 0: stream position p shows words of at most
-  `curriculum_max_length(p, length_curriculum, ...)` letters (short words first).
+  """This shard's batches of one split as a random-access `grain.MapDataset`
+  (`streams.epoch_batches` over `epoch_order`): element k is this shard's rows of global
+  batch k, rendered when read. `length_curriculum` > 0: stream position p shows words of
+  at most `curriculum_max_length(p, length_curriculum, ...)` letters (short words first).
   """
-  import grain  # pylint: disable=g-import-not-at-top
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index {shard_index} is not in [0, shard_count={shard_count}).")
   source = SignsSource(config, split)
   n = len(source)
-  global_batch = batch_size * shard_count
-  if n < global_batch:
+  if n < batch_size * shard_count:
     raise ValueError(f"signs {split} has {n} examples, fewer than one batch of "
-                     f"{global_batch}.")
+                     f"{batch_size * shard_count}.")
+  words = source.config.words
 
-  @functools.lru_cache(maxsize=2)
-  def order(epoch):
-    return epoch_order(n, seed, epoch, shuffle)
+  def read(positions, indices) -> dict[str, np.ndarray]:
+    return make_batch([source.example(i, curriculum_max_length(
+        int(p), length_curriculum, words.min_length, words.max_length)
+                                      if length_curriculum else None)
+                       for p, i in zip(positions, indices)], text_length, tokenizer,
+                      glyph_tokens)
 
-  def batch(k: int) -> dict[str, np.ndarray]:
-    first = k * global_batch + shard_index * batch_size
-    positions = range(first, first + batch_size)
-    words = source.config.words
-    return make_batch([source.example(int(order(p // n)[p % n]), curriculum_max_length(
-        p, length_curriculum, words.min_length, words.max_length) if length_curriculum
-                                      else None) for p in positions],
-                      text_length, tokenizer, glyph_tokens)
-
-  return grain.MapDataset.range(sys.maxsize if repeat else n // global_batch).map(batch)
+  return streams.epoch_batches(n, lambda epoch: epoch_order(n, seed, epoch, shuffle),
+                               batch_size, read, repeat=repeat, shard_index=shard_index,
+                               shard_count=shard_count)
 
 
 def make_iterator(config: SignsConfig | str, split: str, batch_size: int, text_length: int,
@@ -292,19 +281,13 @@ def make_iterator(config: SignsConfig | str, split: str, batch_size: int, text_l
                   **kwargs) -> Iterator[dict[str, np.ndarray]]:
   """Batches of one split, rendered on the fly; `pipeline.make_iterator`'s contract.
 
-  Grain's iterator over `make_dataset` (kwargs as there) from batch `start_batch` on:
-  batch k of the stream from 0 is batch 0 of the stream from `start_batch=k`. `prefetch`
-  batches are rendered ahead on a background thread. The iterator checkpoints with
-  `get_state()` / `set_state()`, whose position counts from the stream's start, so the
-  trainer's record of it and `start_batch` agree.
+  Grain's iterator over `make_dataset` (kwargs as there) from batch `start_batch` on
+  (`streams.iterate`): batch k of the stream from 0 is batch 0 of the stream from
+  `start_batch=k`; `prefetch` batches are rendered ahead on a background thread; it
+  checkpoints with `get_state()` / `set_state()`.
   """
-  import grain  # pylint: disable=g-import-not-at-top
-  dataset = make_dataset(config, split, batch_size, text_length, seed, **kwargs)
-  iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(
-      num_threads=1 if prefetch > 0 else 0, prefetch_buffer_size=max(prefetch, 0))))
-  if start_batch:
-    iterator.set_state(dict(iterator.get_state(), next_index=start_batch))
-  return iterator
+  return streams.iterate(make_dataset(config, split, batch_size, text_length, seed, **kwargs),
+                         start_batch, prefetch)
 
 
 def rendering_targets(config: SignsConfig | str, split: str = VALIDATION) -> list[dict[str, str]]:
