@@ -60,13 +60,12 @@ def words_targets(path: str):
           for t in read_words(path)]
 
 
-def for_evaluate(config, run_guidance: float):
-  """A text-rendering config as this command samples: every prompt, the flags' sampler."""
+def for_evaluate(config):
+  """A text-rendering config as this command samples: every prompt, the flags' sampler
+  (guidance: the config's unless --guidance_scale)."""
   return dataclasses.replace(
-      config, num_prompts=None, num_steps=sf.STEPS.value,
-      guidance_scale=sf.guidance_scale(run_guidance), scheduler=sf.SCHEDULER.value,
-      guidance_rescale=sf.GUIDANCE_RESCALE.value, seed=sf.SEED.value,
-      batch_size=_BATCH.value, attention_maps=0, ceiling=True)
+      config, **sf.generator_kwargs(config.guidance_scale), num_prompts=None,
+      seed=sf.SEED.value, batch_size=_BATCH.value, attention_maps=0, ceiling=True)
 
 
 def main(argv):
@@ -91,7 +90,7 @@ def main(argv):
       data = dataclasses.replace(data, targets=lambda split: words)
     for name, config in run.experiment.evaluators.items():
       if isinstance(config, evaluators.SampleEvalConfig):
-        config = for_evaluate(config, config.guidance_scale)
+        config = for_evaluate(config)
       evaluator = evaluators.build(name, config, run.model, data, workdir=None)
       metrics = evaluator(run.step, run.params, _NoWriter())
       if isinstance(evaluator, evaluators.TextRenderingEvaluator):

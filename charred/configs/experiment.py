@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any, Mapping
 
 from charred.datasets.bucketing import BucketConfig

@@ -365,14 +365,10 @@ class EncoderCache:
     exactly what the stream from 0 yields after k batches, reading nothing before it;
     Grain's iterator checkpoints with `get_state()` / `set_state()`. Without `repeat`, one
     epoch and no incomplete last batch."""
-    n, global_batch = len(self), batch_size * shard_count
-    if n < global_batch:
-      raise ValueError(f'{self.cache_dir} holds {n} records, fewer than one batch of '
-                       f'{global_batch}.')
-    dataset = streams.epoch_batches(n, lambda epoch: self.order(epoch, seed, shuffle),
+    dataset = streams.epoch_batches(len(self), lambda epoch: self.order(epoch, seed, shuffle),
                                     batch_size, lambda positions, indices: self.read(indices),
                                     repeat=repeat, shard_index=shard_index,
-                                    shard_count=shard_count)
+                                    shard_count=shard_count, name=self.cache_dir)
     return streams.iterate(dataset, start_batch)
 
   def check_model(self, model_config: TextToImageConfig, objective, train_config,

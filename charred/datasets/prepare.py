@@ -153,10 +153,7 @@ def prepare_task(source: str, split: str, out: str, *,
   from charred.datasets import filters, source_tasks  # pylint: disable=g-import-not-at-top
   filter_names = (source_tasks.DEFAULT_FILTERS if filter_names is None
                   else tuple(filter_names))
-  source_tasks.check_filters(filter_names)  # Bad names fail before any slow work.
-  if source not in source_tasks.WEB_SOURCES:
-    raise ValueError(f"unknown web source {source!r}; the sources are "
-                     f"{', '.join(source_tasks.WEB_SOURCES)}.")
+  source_tasks.check_web_task(source, filter_names)  # Bad names fail before slow work.
   _check_output(out, shard_options.get("overwrite", False))
   builder = load_builder(source_tasks.WEB_SOURCES[source], data_dir, manual_dir)
   counts = filters.FilterCounts()

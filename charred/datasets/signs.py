@@ -259,9 +259,6 @@ def make_dataset(config: SignsConfig | str, split: str, batch_size: int, text_le
   """
   source = SignsSource(config, split)
   n = len(source)
-  if n < batch_size * shard_count:
-    raise ValueError(f"signs {split} has {n} examples, fewer than one batch of "
-                     f"{batch_size * shard_count}.")
   words = source.config.words
 
   def read(positions, indices) -> dict[str, np.ndarray]:
@@ -273,7 +270,7 @@ def make_dataset(config: SignsConfig | str, split: str, batch_size: int, text_le
 
   return streams.epoch_batches(n, lambda epoch: epoch_order(n, seed, epoch, shuffle),
                                batch_size, read, repeat=repeat, shard_index=shard_index,
-                               shard_count=shard_count)
+                               shard_count=shard_count, name=f"signs {split}")
 
 
 def make_iterator(config: SignsConfig | str, split: str, batch_size: int, text_length: int,

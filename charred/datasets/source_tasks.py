@@ -89,9 +89,12 @@ def register_source_task(name: str, tfds_name: str, data_dir: str | None = None,
   return name
 
 
-def check_filters(names: Sequence[str]) -> None:
-  """One line for a filter name that does not exist."""
-  for name in names:
+def check_web_task(source: str, filter_names: Sequence[str]) -> None:
+  """One line for a web source or filter name that does not exist."""
+  if source not in WEB_SOURCES:
+    raise ValueError(f"unknown web source {source!r}; the sources are "
+                     f"{', '.join(WEB_SOURCES)}.")
+  for name in filter_names:
     if name not in FILTERS:
       raise ValueError(f"unknown filter {name!r}; the filters are {', '.join(FILTERS)}.")
 
@@ -104,10 +107,7 @@ def web_task(source: str, filter_names: Sequence[str] = DEFAULT_FILTERS,
   shards re-encode them) and every `SHARD_KEYS` feature is kept. Each filter counts its
   outcomes in `counts` (default: `filters.COUNTS`). Registering the same source and
   filters again replaces the task, so its counts are those of the latest `counts`."""
-  if source not in WEB_SOURCES:
-    raise ValueError(f"unknown web source {source!r}; the sources are "
-                     f"{', '.join(WEB_SOURCES)}.")
-  check_filters(filter_names)
+  check_web_task(source, filter_names)
   counts = counts if counts is not None else filters.COUNTS
   digest = hashlib.sha1(repr((tuple(filter_names), data_dir)).encode()).hexdigest()[:8]
   name = f"{source}_filtered_{digest}"

@@ -19,16 +19,18 @@ import numpy as np
 
 def epoch_batches(num_examples: int, order: Callable[[int], Sequence[int]], batch_size: int,
                   read: Callable[[np.ndarray, list[int]], Any], *, repeat: bool = True,
-                  shard_index: int = 0, shard_count: int = 1):
+                  shard_index: int = 0, shard_count: int = 1, name: str = 'the stream'):
   """The stream as a `grain.MapDataset`: element k is `read(positions, indices)` for this
   shard's rows of global batch k (their stream positions and example indices). Without
-  `repeat`, only the full global batches of one epoch."""
+  `repeat`, only the full global batches of one epoch. `name` says in errors what the
+  examples are."""
   import grain  # pylint: disable=g-import-not-at-top
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index {shard_index} is not in [0, shard_count={shard_count}).')
   global_batch = batch_size * shard_count
   if num_examples < global_batch:
-    raise ValueError(f'{num_examples} examples are fewer than one batch of {global_batch}.')
+    raise ValueError(f'{name} has {num_examples} examples, fewer than one batch of '
+                     f'{global_batch}.')
   orders = functools.lru_cache(maxsize=2)(order)
 
   def batch(k: int):

@@ -179,10 +179,6 @@ class InitConfig:
   unet: str | None = None  # shapes must fit TextToImageConfig.unet
   autoencoder: str | None = None  # the frozen VAE of a latent-space model (pixel_space=False)
 
-  def without_checkpoints(self) -> InitConfig:
-    """This config with random text encoder and U-Net (the VAE kept)."""
-    return dataclasses.replace(self, text_encoder=None, unet=None)
-
 
 def load_checkpoints(init: InitConfig, params):
   """`params` with the text encoder and U-Net replaced by the pretrained checkpoints

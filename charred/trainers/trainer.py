@@ -218,7 +218,7 @@ def create_sharded_state(model: DiffusionModel, config: TrainConfig, tx, mesh,
   pretrained parts `init` names are read on the host and placed onto the same shardings."""
   shardings = state_shardings(model, config, tx, mesh, rules)
   state = jax.jit(lambda: create_state(model, config, tx), out_shardings=shardings)()
-  if init is None or init == init.without_checkpoints():
+  if init is None or not (init.text_encoder or init.unet):
     return state
   params = partitioning.place(pretrained.load_checkpoints(init, state.params), shardings.params)
   return jax.jit(functools.partial(state_from_params, tx=tx), out_shardings=shardings,
