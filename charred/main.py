@@ -76,7 +76,7 @@ def write_config(workdir: str) -> None:
 
 def make_batches(data, model, objective, train, shard_index: int, shard_count: int,
                  make_iterator, codec, init=None):
-  """(start_batch -> this process's training batches, the empty caption's cached hidden
+  """(() -> this process's training batches, the empty caption's cached hidden
   states or None), from the typography task (`make_iterator`), JPEG XL shards in buckets,
   or an encoder cache, as `data` says."""
   rows = train.batch_size // shard_count
@@ -85,9 +85,8 @@ def make_batches(data, model, objective, train, shard_index: int, shard_count: i
     cache = encoder_cache.EncoderCache(data.encoder_cache)
     encoder = encoder_cache.initial_text_encoder_params(model, train.seed, codec, init)
     cache.check_model(model, objective, train, encoder, codec)
-    return (lambda start_batch: cache.batches(rows, start_batch, seed=data.seed,
-                                              shard_index=shard_index,
-                                              shard_count=shard_count)), cache.empty_context
+    return (lambda: cache.batches(rows, seed=data.seed, shard_index=shard_index,
+                                  shard_count=shard_count)), cache.empty_context
   if data.shards:
     from charred.datasets import bucketing  # pylint: disable=g-import-not-at-top
     longest = max(data.buckets.text_lengths)
@@ -95,14 +94,11 @@ def make_batches(data, model, objective, train, shard_index: int, shard_count: i
       raise ValueError(f'DataConfig.buckets.text_lengths go up to {longest} tokens, more '
                        f'than the model\'s text_length {model.text_length}.')
 
-    def bucketed(start_batch: int):
-      del start_batch  # the trainer restores the iterator's own state (partial buckets)
-      return bucketing.BucketedBatches(data.shards, rows, data.buckets, seed=data.seed,
-                                       process_index=shard_index, process_count=shard_count)
-    return bucketed, None
-  return (lambda start_batch: make_iterator(
-      rows, model.text_length, seed=data.seed, start_batch=start_batch,
-      shard_index=shard_index, shard_count=shard_count)), None
+    return (lambda: bucketing.BucketedBatches(
+        data.shards, rows, data.buckets, seed=data.seed, process_index=shard_index,
+        process_count=shard_count)), None
+  return (lambda: make_iterator(rows, model.text_length, seed=data.seed,
+                                shard_index=shard_index, shard_count=shard_count)), None
 
 
 def setup(workdir: str, experiment: Experiment):

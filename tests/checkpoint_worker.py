@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from charred import tokenizer
+from charred.datasets import streams
 from charred.models import diffusion
 from charred.models.diffusion_model import DiffusionModel
 from charred.models.t5_encoder import T5EncoderConfig
@@ -71,7 +72,8 @@ def batches(start: int):
 
 def train(workdir: str, train_steps: str, checkpoint_every: str):
   trainer.train(workdir, DiffusionModel(model_config()), train_config(int(train_steps), int(checkpoint_every)),
-                batches, log=lambda line: print(line, flush=True))
+                lambda: streams.RestartableIterator(batches),
+                log=lambda line: print(line, flush=True))
 
 
 def sharded_state() -> TrainState:

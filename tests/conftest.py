@@ -10,6 +10,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO_GIN = 'experiments/typography_micro.gin'
 
 
+def repeated_batches(make_batch):
+  """A trainer.BatchesFn whose iterator yields make_batch() forever, checkpointable as the
+  trainer needs (state: the batch count)."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  from charred.datasets import streams  # pylint: disable=g-import-not-at-top
+  return lambda: streams.RestartableIterator(
+      lambda start: (make_batch() for _ in itertools.count()))
+
+
 def run_cli(module, *args, timeout=600, check=True, env=None):
   """Runs `python -m charred.<module> args...` from the repo root (`env`: extra variables)."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', **(env or {}))

@@ -34,6 +34,7 @@ from charred.trainers.monitoring import MonitoringConfig
 from charred.trainers.optimizer import OptimizerConfig
 from charred.trainers.partitioning import PartitioningConfig
 import test_trainer
+from conftest import repeated_batches
 
 DEVICES = {'meshes': 8, 'single': 1, 'worker': 2}
 # Compile at -O0: these runs compare numbers, not speed, and LLVM's passes dominate.
@@ -119,7 +120,7 @@ def _device0_fraction(tree) -> float:
 
 def _train(workdir, config, batch):
   model = DiffusionModel(nano_model(), ObjectiveConfig(caption_dropout=0.25))
-  return trainer.train(workdir, model, config, lambda start: iter(lambda: batch, None),
+  return trainer.train(workdir, model, config, repeated_batches(lambda: batch),
                        log=lambda s: None)
 
 

@@ -363,7 +363,7 @@ def read_checkpoint(workdir, step):
 def assert_checkpoints_equal(workdir, reference, step):
   got, data = read_checkpoint(workdir, step)
   want, want_data = read_checkpoint(reference, step)
-  assert data == want_data == {'position': step}
+  assert data == want_data == {'position': step, 'iterator': {'next_index': step}}
   assert got.keys() == want.keys() and len(got) > 10
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=f'step {step} {name}')
@@ -405,7 +405,8 @@ def test_sigterm_and_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
   resumed = int(match[1])
   assert 4 <= resumed < TRAIN_STEPS
   assert step_dirs(ckpt_dir)[-1] == resumed
-  assert read_checkpoint(workdir, resumed)[1] == {'position': resumed}
+  assert read_checkpoint(workdir, resumed)[1] == {'position': resumed,
+                                                 'iterator': {'next_index': resumed}}
 
   rng = np.random.default_rng(1234)
   mid_save = 0

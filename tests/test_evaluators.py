@@ -13,6 +13,7 @@ from charred.trainers import trainer
 from charred.trainers.optimizer import OptimizerConfig
 from test_monitoring import nano_model
 from test_trainer import fixed_batch
+from conftest import repeated_batches
 
 
 def test_periodic_evaluator_cadence_and_lazy_build():
@@ -57,7 +58,7 @@ def test_evaluators_every_step_leave_training_bit_identical(tmp_path):
       monitoring=trainer.monitoring.MonitoringConfig(count_flops=False))
   model = DiffusionModel(model_config)
   batch = fixed_batch(2)
-  batches = lambda start: iter(lambda: batch, None)
+  batches = repeated_batches(lambda: batch)
   validation = evaluators.ValidationConfig(every=1, num_batches=2, seed=3)
   losses, built = {}, {}
 

@@ -15,6 +15,7 @@ from charred.models.t5_encoder import T5EncoderConfig
 from charred.models.text_to_image import TextToImage, TextToImageConfig
 from charred.models.unet import UNetConfig
 from charred.trainers import trainer
+from conftest import repeated_batches
 
 VAE_DIR = os.path.join(os.path.dirname(__file__), 'fixtures', 'diffusers_flax', 'vae')
 
@@ -39,7 +40,7 @@ def test_latent_model_trains_and_samples_full_size_images(tmp_path):
            'text_tokens': tokens, 'text_mask': mask}
   model = DiffusionModel(config, codec=make_codec(False, VAE_DIR))
   state = trainer.train(str(tmp_path), model, trainer.TrainConfig(train_steps=2, batch_size=2),
-                        lambda start: iter(lambda: batch, None), log=lambda s: None)
+                        repeated_batches(lambda: batch), log=lambda s: None)
   # The U-Net saw 8x8x4 latents (the fixture VAE downsamples by 2) ...
   assert state.params['unet']['conv_in']['kernel'].shape[2] == 4
   assert 'encoder' not in state.params  # ... and the VAE is not part of what trains.

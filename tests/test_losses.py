@@ -16,6 +16,7 @@ from charred.models.diffusion_model import DiffusionModel, ObjectiveConfig
 from charred.trainers import trainer
 from charred.trainers.optimizer import OptimizerConfig
 from test_optimizer import nano_batch, nano_model, nano_params, nano_state
+from conftest import repeated_batches
 
 
 def closed_form_weights(alpha_bar, prediction_type, gamma):
@@ -199,7 +200,7 @@ def test_frozen_text_encoder_runs_outside_the_gradient_or_on_the_host(tmp_path):
   assert hosted['text_context'].shape == (4, 8, 16)
   np.testing.assert_allclose(loss(hosted['text_context']), inside, rtol=1e-6)
   final = trainer.train(str(tmp_path), model, on_host,
-                        lambda start: iter(lambda: batch, None), log=lambda s: None)
+                        repeated_batches(lambda: batch), log=lambda s: None)
   for x, y in zip(jax.tree_util.tree_leaves(final.params),
                   jax.tree_util.tree_leaves(outside.params)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)

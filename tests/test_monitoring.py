@@ -22,6 +22,7 @@ from charred.trainers import monitoring, trainer
 from charred.evaluation.evaluators import PeriodicEvaluator
 from charred.trainers.optimizer import OptimizerConfig
 from test_trainer import fixed_batch, micro_model
+from conftest import repeated_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,7 +192,7 @@ def test_train_reports_to_wandb_otel_tensorboard_with_profile_and_mfu(tmp_path, 
   batch = fixed_batch(2)
   lines = []
   workdir = str(tmp_path)
-  trainer.train(workdir, DiffusionModel(nano_model()), config, lambda start: iter(lambda: batch, None),
+  trainer.train(workdir, DiffusionModel(nano_model()), config, repeated_batches(lambda: batch),
                 evaluators=[PeriodicEvaluator('images', 2, lambda: images)], log=lines.append)
 
   # The progress line gains MFU; flops_per_step is at least 6 FLOPs (forward 2, backward

@@ -18,6 +18,7 @@ from charred.trainers import optimizer, trainer
 from charred.trainers.checkpoints import CheckpointConfig
 from charred.trainers.optimizer import OptimizerConfig
 from charred.trainers.train_state import TrainState
+from conftest import repeated_batches
 
 
 def nano_model(**unet):
@@ -251,7 +252,7 @@ def test_nan_policy_stop_raises_at_the_host(tmp_path, monkeypatch):
   with pytest.raises(FloatingPointError, match=r"Step 1: the loss or the gradients are not "
                      r"finite .*nan_policy='stop'"):
     trainer.train(str(tmp_path), DiffusionModel(nano_model()), config,
-                  lambda start: iter(lambda: nano_batch(2), None), log=lambda s: None)
+                  repeated_batches(lambda: nano_batch(2)), log=lambda s: None)
   assert not (tmp_path / 'checkpoints' / '1').exists()  # the bad step was not saved
 
 

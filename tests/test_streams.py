@@ -1,6 +1,8 @@
 """Epoch streams cut into per-host batches (datasets.streams), against the arithmetic done
 by hand."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -37,3 +39,52 @@ def test_iterator_state_and_start_batch_count_the_same_batches(prefetch):
   restored = streams.iterate(dataset, prefetch=prefetch)
   restored.set_state(running.get_state())
   assert next(restored) == 3
+
+
+def test_bucket_batches_by_hand():
+  # 7 examples in buckets 0, 1, 0, 1, 1, 0, 0; epoch 1 reversed; global batches of 2.
+  bucket_of = np.array([0, 1, 0, 1, 1, 0, 0])
+  permute = lambda epoch, positions: 6 - positions if epoch % 2 else positions
+  expected = [(0, [0, 2]), (1, [1, 3]), (0, [5, 6]),  # epoch 0 leaves 4 in bucket 1
+              (0, [6, 5]), (1, [4, 4]), (1, [3, 1]), (0, [2, 0])]  # epoch 1: 6 5 4 3 2 1 0
+  it = iter(streams.bucket_batches(7, permute, bucket_of, 2, chunk_size=3))
+  got = [next(it) for _ in range(7)]
+  assert [(b['bucket'], b['indices'].tolist()) for b in got] == expected
+  assert [b['number'] for b in got] == list(range(7))
+  # One epoch only: the partial buffers are left.
+  once = iter(streams.bucket_batches(7, permute, bucket_of, 2, repeat=False, chunk_size=3))
+  assert len(list(once)) == 3 and once.get_state()['pending'] == {'1': [4]}
+
+
+def test_bucket_batches_state_resumes_exactly():
+  rng = np.random.default_rng(0)
+  bucket_of = rng.integers(0, 4, 50)
+  permute = lambda epoch, positions: np.random.default_rng(epoch).permutation(50)[positions]
+  make = lambda: iter(streams.bucket_batches(50, permute, bucket_of, 3, chunk_size=8))
+  straight = make()
+  reference = [next(straight)['indices'].tolist() for _ in range(60)]
+  for cut in (0, 7, 16, 33):
+    it = make()
+    for _ in range(cut):
+      next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    resumed = make()
+    resumed.set_state(state)
+    assert [next(resumed)['indices'].tolist() for _ in range(60 - cut)] == reference[cut:]
+  # Every epoch visits each example once: over 60 batches (3.6 epochs) no example is
+  # drawn more than 4 times.
+  assert np.bincount(np.concatenate(reference), minlength=50).max() <= 4
+
+
+def test_restartable_iterator_restarts_at_the_saved_batch():
+  started = []
+
+  def start(k):
+    started.append(k)
+    return iter(range(k, 100))
+  it = streams.RestartableIterator(start, start_batch=5)
+  it.set_state({'next_index': 7})  # lazily started: one start, at 7
+  assert [next(it), next(it)] == [7, 8] and started == [7]
+  assert it.get_state() == {'next_index': 9}
+  it.set_state({'next_index': 2})
+  assert next(it) == 2 and started == [7, 2]

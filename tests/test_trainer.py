@@ -15,6 +15,7 @@ from charred.models.unet import UNetConfig
 from charred.trainers import trainer
 from charred.trainers.optimizer import OptimizerConfig
 from charred.trainers.train_state import ema_update
+from conftest import repeated_batches
 
 
 def micro_model(prediction_type='sample'):
@@ -49,7 +50,7 @@ def test_twenty_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
   initial = trainer.create_state(model, config, trainer.make_tx(config))
   before = float(loss(initial.params))
   final = trainer.train(str(tmp_path), model, config,
-                        lambda start: iter(lambda: batch, None), log=lambda s: None)
+                        repeated_batches(lambda: batch), log=lambda s: None)
   after = float(loss(final.params))
   assert int(final.step) == 20
   assert after < 0.7 * before, (before, after)
@@ -79,3 +80,33 @@ def test_ema_update_closed_form():
   np.testing.assert_allclose(ema_update(ema, params, 0, 0.999)['w'], [0.9], rtol=1e-6)
   # late: decay capped at 0.999
   np.testing.assert_allclose(ema_update(ema, params, 10**6, 0.999)['w'], [0.001], rtol=1e-4)
+
+
+def test_batches_must_be_checkpointable_and_old_position_checkpoints_resume(tmp_path):
+  import pytest  # pylint: disable=g-import-not-at-top
+  from charred.datasets import streams  # pylint: disable=g-import-not-at-top
+  from charred.trainers import checkpoints  # pylint: disable=g-import-not-at-top
+  model = DiffusionModel(micro_model())
+  config = trainer.TrainConfig(train_steps=3, batch_size=8, log_every=100)
+  with pytest.raises(TypeError, match='cannot be checkpointed'):
+    trainer.train(str(tmp_path / 'plain'), model, config, lambda: iter([fixed_batch()] * 3),
+                  log=lambda s: None)
+  # A checkpoint that saved only the batch index (before iterator states): the stream
+  # restarts at that batch.
+  workdir = tmp_path / 'old'
+  tx = trainer.make_tx(config)
+  ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"), async_save=False)
+  ckpt.save(trainer.create_state(model, config, tx).replace(step=2), {'position': 2}, step=2)
+  ckpt.close()
+  started = []
+
+  def start(k):
+    started.append(k)
+    while True:
+      yield fixed_batch()
+  state = trainer.train(str(workdir), model, config, lambda: streams.RestartableIterator(start),
+                        log=lambda s: None)
+  assert int(state.step) == 3 and started == [2]
+  _, data = checkpoints.Checkpointer(str(workdir / 'checkpoints')).restore(
+      trainer.abstract_state(model, config, tx))
+  assert data == {'position': 3, 'iterator': {'next_index': 3}}

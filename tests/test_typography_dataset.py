@@ -186,25 +186,25 @@ def test_pipeline_resume_is_exact(task_name, data_dirs):
   from charred.datasets import pipeline  # pylint: disable=g-import-not-at-top
   kwargs = dict(batch_size=32, text_length=TEXT_LENGTH, seed=5)
   # 300 examples / 32 = 9.4 batches per epoch: batch 10 crosses an epoch boundary.
-  it = pipeline.TrainIterator(task_name, "train", **kwargs)
+  it = pipeline.make_iterator(task_name, "train", **kwargs)
   full = [next(it) for _ in range(12)]
-  assert it.position == 12
+  assert it.get_state() == {"next_index": 12}
   # Batch 9 holds the end of epoch 0 and the start of epoch 1; 10 lies in epoch 1.
   for start in (9, 10):
-    resumed = pipeline.TrainIterator(task_name, "train", start_batch=start, **kwargs)
+    resumed = pipeline.make_iterator(task_name, "train", start_batch=start, **kwargs)
     for i in range(start, 12):
       batch = next(resumed)
       assert set(batch) == set(full[i])
       for k in batch:
         np.testing.assert_array_equal(batch[k], full[i][k], err_msg=f"batch {i} key {k}")
-    assert resumed.position == 12
+    assert resumed.get_state() == {"next_index": 12}
   # Every epoch is one full pass over the split, shuffled differently.
   epoch0 = [c for b in full[:9] for c in b["caption"]] + list(full[9]["caption"][:12])
   epoch1 = list(full[9]["caption"][12:]) + [c for b in full[10:] for c in b["caption"]]
   assert len(epoch0) == NUM_TRAIN and epoch0[:len(epoch1)] != epoch1
   train_captions = sorted(ex["caption"].decode() for ex in _read_split(data_dirs[0], "train"))
   assert sorted(epoch0) == train_captions
-  resumed.restore(2)
+  resumed.set_state({"next_index": 2})  # what the trainer restores
   np.testing.assert_array_equal(next(resumed)["image"], full[2]["image"])
-  other = next(pipeline.TrainIterator(task_name, "train", **{**kwargs, "seed": 6}))
+  other = next(pipeline.make_iterator(task_name, "train", **{**kwargs, "seed": 6}))
   assert list(other["caption"]) != list(full[0]["caption"])

@@ -7,10 +7,11 @@ are truncated to the longest). Every batch comes from one (aspect, text length) 
 so the model sees few distinct shapes (each compiles once).
 
 The stream (`BucketedBatches`) is a pure function of (shards, config, global batch size,
-seed): epoch e visits all records in a seeded pseudo-random order (a Feistel
-permutation, computed pointwise: no per-epoch index array), appending each record
-number to its bucket's buffer; a buffer that reaches the global batch size becomes the
-next batch. Buffers carry over across epochs, so nothing is dropped (a bucket with fewer
+seed), a Grain pipeline: `streams.bucket_batches` plans global batches (epoch e visits all
+records in a seeded pseudo-random order, a Feistel permutation computed pointwise, so no
+per-epoch index array; each record number joins its bucket's buffer, and a full buffer is
+the next batch), a map decodes this process's rows, and Grain's prefetch thread reads
+ahead. Buffers carry over across epochs, so nothing is dropped (a bucket with fewer
 records than one batch fills over several epochs, repeating records). Bucket assignment
 reads only the shards' `.index.npy` sidecars; images are read and decoded only for the
 rows this process yields.
@@ -32,11 +33,13 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
+import grain
 import numpy as np
 from PIL import Image
 
 from charred import tokenizer
 from charred.datasets import jxl_shards
+from charred.datasets import streams
 
 STATE_VERSION = 1
 _ORDER_CHUNK = 4096
@@ -161,16 +164,6 @@ class FeistelPermutation:
     return y.astype(np.int64)
 
 
-@dataclasses.dataclass
-class _InFlight:
-  """A planned batch being decoded on the pool."""
-  bucket: int
-  keys: list[int]  # This process's rows.
-  state: dict[str, Any]  # The stream state after this batch.
-  images: np.ndarray
-  futures: list[concurrent.futures.Future]
-
-
 class BucketedBatches:
   """Iterator of numpy batches, each from one bucket, exactly resumable.
 
@@ -211,7 +204,6 @@ class BucketedBatches:
     self._seed, self._shuffle, self._repeat = seed, shuffle, repeat
     self._random_crop, self._resample = random_crop, resample
     self._image_dtype = np.dtype(image_dtype)
-    self._prefetch = max(1, prefetch)
     self.sizes = config.sizes()
     self.text_lengths = tuple(config.text_lengths)
     index = self.shards.index
@@ -222,9 +214,15 @@ class BucketedBatches:
         + text_length_bucket(index["caption_bytes"] + 1, self.text_lengths)).astype(np.int32)
     self._pool = concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count() or 1)
     self.metrics = collections.Counter()
-    self._in_flight = collections.deque()
-    self.set_state(state or dict(self._fingerprint(), epoch=0, position=0, num_batches=0,
-                                 pending={}))
+    plan = streams.bucket_batches(len(self.shards), self._permute, self._bucket_of,
+                                  self.global_batch_size, repeat=repeat,
+                                  chunk_size=_ORDER_CHUNK)
+    # Grain's prefetch thread decodes the next batches (each batch's rows in parallel on
+    # the pool); its state is the plan's after the last batch yielded.
+    self._iterator = iter(grain.experimental.ThreadPrefetchIterDataset(
+        plan.map(self._decode), prefetch_buffer_size=max(1, prefetch)))
+    if state is not None:
+      self.set_state(state)
 
   # Buckets.
 
@@ -249,8 +247,10 @@ class BucketedBatches:
                 buckets=[list(s) for s in self.sizes], text_lengths=list(self.text_lengths))
 
   def get_state(self) -> dict[str, Any]:
-    """JSON-able state after the last batch yielded."""
-    return {k: (dict(v) if k == "pending" else v) for k, v in self._yielded_state.items()}
+    """JSON-able state after the last batch yielded: the fingerprint, and the plan's
+    epoch, position, batch count and the record numbers waiting in partial buckets
+    (`streams.bucket_batches`)."""
+    return dict(self._fingerprint(), **self._iterator.get_state())
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues the stream after the batch `state` was taken at."""
@@ -259,50 +259,14 @@ class BucketedBatches:
       if state.get(name) != value:
         raise ValueError(f"state was saved with {name}={state.get(name)!r}, this iterator "
                          f"has {value!r}.")
-    self._drain()
-    self._yielded_state = {**state, "pending": {str(k): list(v)
-                                                for k, v in state["pending"].items()}}
-    self._epoch, self._position = int(state["epoch"]), int(state["position"])
-    self._num_batches = int(state["num_batches"])
-    self._pending = {int(k): list(v) for k, v in state["pending"].items()}
-    self._order = None
-    self._exhausted = False
+    self._iterator.set_state({k: v for k, v in state.items() if k not in expected})
 
-  def _snapshot(self) -> dict[str, Any]:
-    return dict(self._fingerprint(), epoch=self._epoch, position=self._position,
-                num_batches=self._num_batches,
-                pending={str(k): list(v) for k, v in sorted(self._pending.items()) if v})
+  def _permute(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+    if not self._shuffle:
+      return positions
+    return FeistelPermutation(len(self.shards), [self._seed, epoch])(positions)
 
-  # Planning (main thread; reads only the index).
-
-  def _record_at(self, position: int) -> int:
-    chunk = position // _ORDER_CHUNK
-    if self._order is None or self._order[:2] != (self._epoch, chunk):
-      start = chunk * _ORDER_CHUNK
-      positions = np.arange(start, min(start + _ORDER_CHUNK, len(self.shards)))
-      if self._shuffle:
-        positions = FeistelPermutation(len(self.shards), [self._seed, self._epoch])(positions)
-      self._order = (self._epoch, chunk, positions)
-    return int(self._order[2][position % _ORDER_CHUNK])
-
-  def _plan(self) -> tuple[int, list[int]] | None:
-    """The next global batch (bucket, record numbers), or None at the end."""
-    while True:
-      if self._position == len(self.shards):
-        if not self._repeat:
-          return None
-        self._epoch, self._position = self._epoch + 1, 0
-      key = self._record_at(self._position)
-      self._position += 1
-      bucket = int(self._bucket_of[key])
-      waiting = self._pending.setdefault(bucket, [])
-      waiting.append(key)
-      if len(waiting) == self.global_batch_size:
-        del self._pending[bucket]
-        self._num_batches += 1
-        return bucket, waiting
-
-  # Decoding (thread pool).
+  # Decoding (Grain's prefetch thread, rows on the pool).
 
   def _load_row(self, images: np.ndarray, row: int, key: int, batch_number: int,
                 global_row: int) -> dict[str, Any] | None:
@@ -326,47 +290,34 @@ class BucketedBatches:
                 language=record.get("language", ""),
                 original_size=(pixels.shape[0], pixels.shape[1]), crop=crop)
 
-  def _submit(self) -> bool:
-    planned = self._plan()
-    if planned is None:
-      return False
-    bucket, keys = planned
-    first = self._process_index * self.batch_size
-    keys = keys[first:first + self.batch_size]
-    height, width, _ = self.bucket_shape(bucket)
+  def _decode(self, planned: dict[str, Any]) -> dict[str, np.ndarray]:
+    """This process's rows of a planned global batch, decoded into one batch."""
+    bucket, first = planned["bucket"], self._process_index * self.batch_size
+    keys = planned["indices"][first:first + self.batch_size]
+    height, width, text_length = self.bucket_shape(bucket)
     images = np.empty((self.batch_size, height, width, 3), self._image_dtype)
-    futures = [self._pool.submit(self._load_row, images, i, key, self._num_batches - 1,
+    futures = [self._pool.submit(self._load_row, images, i, int(key), planned["number"],
                                  first + i) for i, key in enumerate(keys)]
-    self._in_flight.append(_InFlight(bucket, keys, self._snapshot(), images, futures))
-    return True
-
-  def _drain(self) -> None:
-    while self._in_flight:
-      for f in self._in_flight.popleft().futures:
-        f.cancel()
-
-  def _assemble(self, job: _InFlight) -> dict[str, np.ndarray]:
-    rows = [f.result() for f in job.futures]
+    rows = [f.result() for f in futures]
     good = [i for i, r in enumerate(rows) if "error" not in r]
     for i, r in enumerate(rows):
       if "error" in r:
         self.metrics[f"bad_record/{r['error']}"] += 1
         if good:
-          job.images[i], rows[i] = job.images[good[0]], rows[good[0]]
+          images[i], rows[i] = images[good[0]], rows[good[0]]
         else:
-          job.images[i] = 0
+          images[i] = 0
           rows[i] = dict(caption="", key="", language="", original_size=(0, 0), crop=(0, 0))
-    text_length = self.bucket_shape(job.bucket)[2]
     captions = [r["caption"] for r in rows]
     tokens, mask = tokenizer.encode_batch(captions, text_length)
     self.metrics["batches"] += 1
     self.metrics["images"] += len(rows)
     return dict(
-        image=job.images, caption=np.array(captions, dtype=np.str_),
+        image=images, caption=np.array(captions, dtype=np.str_),
         key=np.array([r["key"] for r in rows], dtype=np.str_),
         language=np.array([r["language"] for r in rows], dtype=np.str_),
         text_tokens=tokens, text_mask=mask,
-        bucket=np.full((len(rows),), job.bucket, np.int32),
+        bucket=np.full((len(rows),), bucket, np.int32),
         original_size=np.array([r["original_size"] for r in rows], np.int32),
         crop_top_left=np.array([r["crop"] for r in rows], np.int32))
 
@@ -376,17 +327,10 @@ class BucketedBatches:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    while not self._exhausted and len(self._in_flight) < self._prefetch:
-      self._exhausted = not self._submit()
-    if not self._in_flight:
-      raise StopIteration
-    job = self._in_flight.popleft()
-    batch = self._assemble(job)
-    self._yielded_state = job.state
-    return batch
+    return next(self._iterator)
 
   def close(self) -> None:
-    self._drain()
+    self._iterator.close()
     self._pool.shutdown(wait=True)
 
   def __enter__(self) -> BucketedBatches:

@@ -10,6 +10,7 @@ through seqio's preprocessing runs at only ~5k examples/s on 2 CPU cores.
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import numpy as np
@@ -17,6 +18,7 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from charred.datasets import streams
 from charred.datasets import tasks
 from charred.datasets import typography
 
@@ -105,7 +107,7 @@ def make_iterator(task_name: str, split: str, batch_size: int, text_length: int,
                   repeat: bool = True, data_dir: str | None = None,
                   shuffle_buffer_size: int = 8192, shard_index: int = 0,
                   shard_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Yields numpy batches of `task_name`.
+  """An iterator of numpy batches of `task_name`.
 
   Shapes: image float32 [B, H, W, 3] in [-1, 1]; text_tokens, text_mask int32
   [B, text_length] (mask is 1 on bytes and EOS); caption, text, word,
@@ -125,6 +127,9 @@ def make_iterator(task_name: str, split: str, batch_size: int, text_length: int,
   not depend on the number of hosts, and `start_batch` (counted in global batches)
   resumes every shard exactly. Each host reads the whole stream and keeps its rows.
 
+  The iterator checkpoints with `get_state()` / `set_state()` (Grain's protocol, state
+  `{'next_index': k}`): restoring restarts the stream at batch k as `start_batch=k` does.
+
   `data_dir` is only used to register 'typography_<config>' tasks that are not
   registered yet; a registered task keeps its own data_dir.
   """
@@ -141,6 +146,17 @@ def make_iterator(task_name: str, split: str, batch_size: int, text_length: int,
   if not num_examples or num_examples < global_batch:
     raise ValueError(f"{task_name}:{split} has {num_examples} examples, fewer than "
                      f"one batch of {global_batch}.")
+  return streams.RestartableIterator(functools.partial(
+      _batches, task_name, split, batch_size, text_length, num_examples, seed=seed,
+      shuffle=shuffle, repeat=repeat, shuffle_buffer_size=shuffle_buffer_size,
+      shard_index=shard_index, shard_count=shard_count), start_batch)
+
+
+def _batches(task_name: str, split: str, batch_size: int, text_length: int,
+             num_examples: int, start_batch: int, *, seed: int, shuffle: bool, repeat: bool,
+             shuffle_buffer_size: int, shard_index: int, shard_count: int):
+  """`make_iterator`'s stream from batch `start_batch` on."""
+  global_batch = batch_size * shard_count
   epoch, skip = divmod(start_batch * global_batch, num_examples)
   if not repeat and epoch > 0:
     return
@@ -169,40 +185,6 @@ def make_iterator(task_name: str, split: str, batch_size: int, text_length: int,
     if not repeat:
       return  # drop_remainder: the incomplete tail is not yielded.
     epoch, skip = epoch + 1, 0
-
-
-class TrainIterator:
-  """`make_iterator` that counts consumed batches, for checkpoint and resume.
-
-  Save `position` with the model; rebuild with `start_batch=position` (or call
-  `restore`) to continue with the very next batch.
-  """
-
-  def __init__(self, task_name: str, split: str, batch_size: int, text_length: int,
-               seed: int = 0, start_batch: int = 0, **kwargs):
-    self._args = (task_name, split, batch_size, text_length)
-    self._seed = seed
-    self._kwargs = kwargs
-    self.restore(start_batch)
-
-  @property
-  def position(self) -> int:
-    """Number of batches consumed since the start of the stream."""
-    return self._position
-
-  def restore(self, position: int) -> None:
-    """Restarts the stream so that the next batch is batch `position`."""
-    self._position = int(position)
-    self._iterator = make_iterator(*self._args, seed=self._seed,
-                                   start_batch=self._position, **self._kwargs)
-
-  def __iter__(self) -> "TrainIterator":
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._iterator)
-    self._position += 1
-    return batch
 
 
 def register_task(builder_config: str = "tiny", data_dir: str | None = None) -> str:

@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state and the data iterator's position.
 
 A checkpoint is `directory/<step>/` holding two items: `state` (the TrainState: step,
-parameters, EMA, optimizer state) and `data` (a JSON dict, e.g. `{'position': n}`).
+parameters, EMA, optimizer state) and `data` (a JSON dict: the batch count and the data
+iterator's state, `{'position': n, 'iterator': {...}}`).
 Saves are asynchronous: `save` returns once the arrays are copied off the devices, and a
 background thread writes them under a temporary name that is renamed to `<step>` only
 when complete, so a run killed at any moment leaves whole checkpoints or none.

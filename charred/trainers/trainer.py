@@ -1,9 +1,10 @@
 """The training loop: one readable function, in the manner of big_vision's train.py.
 
 Generic over the model (t5x's BaseModel shape): a step differentiates `model.loss_fn`
-and applies the update, never looking inside a batch. Data arrives as numpy batches from a callable (the data layer, which uses TensorFlow,
-stays outside this TF-free module). Resumes from the newest checkpoint, data position
-included; evaluators run on their own cadence and never touch the training RNG.
+and applies the update, never looking inside a batch. Data arrives as numpy batches from
+a checkpointable iterator (the data layer stays outside this TF-free module). Resumes from
+the newest checkpoint, the iterator's state included; evaluators run on their own cadence
+and never touch the training RNG.
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ from charred.trainers import partitioning
 from charred.trainers.train_state import TrainState, ema_update
 
 Batch = dict[str, np.ndarray]
-# start_batch -> iterator of batches (what the model's loss reads: DiffusionModel's
-# BATCH_KEYS); the stream from k equals the stream from 0 minus k batches. An iterator
-# that also has get_state() -> JSON-able dict and set_state(dict) (bucketing) is
-# restored from its saved state instead.
-BatchesFn = Callable[[int], Iterator[Batch]]
+# () -> iterator of batches (what the model's loss reads: DiffusionModel's BATCH_KEYS),
+# checkpointable in Grain's protocol: get_state() -> a JSON-able dict, and set_state(dict)
+# continues with the batch that followed (`datasets.streams`, `bucketing`).
+BatchesFn = Callable[[], Iterator[Batch]]
 
 
 NAN_POLICIES = ('skip', 'stop', 'none')
@@ -307,12 +307,14 @@ def train(workdir: str, model: DiffusionModel, config: TrainConfig, batches: Bat
                                    partitioning.process_batch_shard(batch_sharding)[0])
                     if config.text_encoder_on_host else None)
     first_step = int(state.step)
-    data = batches(data_state['position'])
-    # An iterator with state beyond its position (e.g. bucketing's partial buckets) is
-    # checkpointed and restored through get_state / set_state.
-    stateful = hasattr(data, 'get_state') and hasattr(data, 'set_state')
-    if stateful and 'iterator' in data_state:
+    data = batches()
+    if not (hasattr(data, 'get_state') and hasattr(data, 'set_state')):
+      raise TypeError(f'batches() gave a {type(data).__name__}, which cannot be checkpointed: '
+                      'it needs get_state() and set_state() (see charred.datasets.streams).')
+    if 'iterator' in data_state:
       data.set_state(data_state['iterator'])
+    elif data_state['position']:  # a checkpoint that saved only the batch index
+      data.set_state(dict(data.get_state(), next_index=data_state['position']))
     pending = []
     for step in preemption.steps(range(first_step + 1, config.train_steps + 1)):
       batch = next(data)
@@ -339,8 +341,7 @@ def train(workdir: str, model: DiffusionModel, config: TrainConfig, batches: Bat
         log(monitor.report(step, means, {'train/learning_rate': learning_rate(config, step)}))
       stop = preemption.reached(step)  # SIGTERM: checkpoint this step, then stop
       if step % config.checkpointing.every == 0 or last or stop:
-        if stateful:
-          data_state = dict(data_state, iterator=data.get_state())
+        data_state = dict(data_state, iterator=data.get_state())
         ckpt.save(state, data_state, step=step)  # asynchronous
       if stop:
         ckpt.wait()
