@@ -35,14 +35,14 @@ page of a financial report with the title "Annual Report 2002", the section head
 "Overview", two text blocks and a page footer.'. Splits: train, validation (val.json),
 test (DocLayNet only). Keys: '<json file name>:<image id>'.
 
-Bad pages are skipped and counted by reason (one reason per page, the first check that
-fails) in `<data_dir>/doc_layout/<config>/<version>/skipped_<split>.json`: the image
-reasons of `web_images` (image_missing, image_corrupt, ...), 'image_size_mismatch'
-(decoded size is not the entry's width x height), 'no_annotations',
-'bbox_outside_image' (an annotation box beyond the image by more than
-`bbox_tolerance` px), and for DocLayNet pages with a `JSON/` folder 'text_missing' (no
-page file), 'text_unreadable' (not JSON, or cells without bbox and text) and
-'text_invalid_utf8'. Annotations whose image_id names no image are counted as
+Bad pages are skipped and counted by reason in
+`<data_dir>/doc_layout/<config>/<version>/skipped_<split>.json`, one reason per page, the
+first check that fails in this order: 'no_annotations', 'bbox_outside_image' (an
+annotation box beyond the image by more than `bbox_tolerance` px), the image reasons of
+`web_images` (image_missing, image_corrupt, ...), 'image_size_mismatch' (decoded size is
+not the entry's width x height), and for DocLayNet with a `JSON/` folder 'text_missing'
+(no page file), 'text_unreadable' (not JSON, or cells without bbox and text) and
+'text_invalid_utf8' (bytes that are not UTF-8, or an escaped lone surrogate). Annotations whose image_id names no image are counted as
 'annotation_unknown_image' (so kept + skipped = images + such annotations). A COCO
 file that is not UTF-8 JSON (e.g. truncated), lacks the three lists, has an unknown or
 repeated category, or has a malformed images/annotations row (missing or non-numeric
@@ -457,7 +457,7 @@ def layout_caption(layout: LayoutFormat, regions: Sequence[Region], texts: Seque
   quotes_left = config.max_quotes
   parts = []
   for category in layout.categories:
-    mine = [i for i, r in enumerate(regions) if r.category is category]
+    mine = [i for i, r in enumerate(regions) if r.category == category]
     if not mine:
       continue
     quoted = []
