@@ -457,6 +457,11 @@ def test_prepare_and_train_ten_steps(tmp_path):
     manifest = json.load(f)
   assert manifest["num_records"] == 12 and manifest["source"]["builder"] == (
       "doc_layout/doclaynet")
+  from charred.datasets import doc_layout, jxl_shards  # pylint: disable=g-import-not-at-top
+  captions = {r["key"]: r["caption"] for r in jxl_shards.JxlShards(shards)}
+  assert captions == {
+      f"train.json:{n}": f"A one-column page of {doc_layout.DOCUMENT_KINDS[kinds[n % 4]]} "
+                         f'with the title "Title {n}" and a text block.' for n in range(12)}
   workdir = str(tmp_path / "run")
   run_cli("main", "--gin_file=experiments/shards_tiny.gin", "--gin_file=experiments/micro.gin",
           f"--workdir={workdir}", "--gin.TRAIN_STEPS=10", "--gin.CHECKPOINT_EVERY=10",
