@@ -340,20 +340,22 @@ class SceneText(tfds.core.GeneratorBasedBuilder):
       files = icdar_files(manual_dir)
       if not any("gt" in e for split in files.values() for e in split.values()):
         raise ValueError(f"{manual_dir}: no ICDAR 2015 gt files (gt_<image stem>.txt).")
-      return {split: self._generate(split, _icdar_records(manual_dir, entries))
+      return {split: self._generate_examples(split, _icdar_records(manual_dir, entries))
               for split, entries in sorted(files.items())}
     if layout == "coco_text":
       path = manual_dir / COCO_TEXT_JSON
       if not path.exists():
         raise ValueError(f"{manual_dir}: no {COCO_TEXT_JSON}.")
       by_split = _coco_text_records(path, manual_dir / COCO_IMAGES_DIR)
-      return {split: self._generate(split, records) for split, records in by_split.items()}
-    paths = sorted(epath.Path(p) for p in manual_dir.rglob(ANYWORD_JSON))
+      return {split: self._generate_examples(split, records)
+              for split, records in by_split.items()}
+    paths = sorted(epath.Path(root) / ANYWORD_JSON for root, _, names in os.walk(manual_dir)
+                   if ANYWORD_JSON in names)
     if not paths:
       raise ValueError(f"{manual_dir}: no AnyWord-3M {ANYWORD_JSON} files.")
-    return {"train": self._generate("train", _anyword_records(manual_dir, paths))}
+    return {"train": self._generate_examples("train", _anyword_records(manual_dir, paths))}
 
-  def _generate(self, split: str, records: Iterable[tuple[str, Any]]):
+  def _generate_examples(self, split: str, records: Iterable[tuple[str, Any]]):
     """Examples of (key, record) pairs, a record being (image path, lead, [(word,
     legible)]) or a skip reason."""
     counter = web_images.SkipCounter()
