@@ -202,7 +202,7 @@ def test_icdar2015(tmp_path):
   np.testing.assert_allclose(one["boxes"][1], [10, 50, 30 + 6 * 5 + 2, 62])
   # The overshooting box is clipped to the image.
   np.testing.assert_allclose(got[f"{TRAIN_IMAGES}/img_10.jpg"]["boxes"][0], [0, 0, 28, 12])
-  assert one["source"].decode() == "scene_text/icdar2015"
+  assert one["source"].decode() == "icdar2015"
   _check(builder, "test", {f"{TEST_IMAGES}/img_1.jpg": 'A photo with the text "TEST".'})
 
 
@@ -264,6 +264,14 @@ def test_phrases_and_captions():
   assert st.anyword_lead("a sign that says * on it.") == "a sign that says on it"
   assert st.clip_boxes([st.Word("x", (-5, 0, 10, 10))], 100, 100, 0.02) is None
   assert st.clip_boxes([st.Word("x", (-2, 0, 10, 10))], 100, 100, 0.02)[0].box == (0, 0, 10, 10)
+
+
+
+def test_prepare_finds_the_builder_by_name():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from charred.datasets import prepare, scene_text  # pylint: disable=g-import-not-at-top
+  prepare._register("scene_text/coco_text")  # pylint: disable=protected-access
+  assert tfds.builder_cls("scene_text") is scene_text.SceneText
 
 
 @pytest.mark.slow

@@ -161,6 +161,14 @@ def test_quote_ocr_words():
   assert phrases == ["Coca-Cola", "COKE", "7 Eleven"]
 
 
+
+def test_prepare_finds_the_builder_by_name():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from charred.datasets import prepare, textcaps  # pylint: disable=g-import-not-at-top
+  prepare._register("textcaps")  # pylint: disable=protected-access
+  assert tfds.builder_cls("textcaps") is textcaps.TextCaps
+
+
 @pytest.mark.slow
 def test_prepares_shards_that_train_ten_steps(tmp_path):
   manual, shards, workdir = (str(tmp_path / n) for n in ("textcaps", "shards", "run"))

@@ -16,21 +16,23 @@ words on one line joined into a phrase: 'A photo with the text "OPEN" and "24 HO
 - `coco_text` (COCO-Text v2, https://bgshih.github.io/cocotext/): `cocotext.v2.json`
   {"anns": {id: {mask, class, bbox [x, y, w, h], image_id, id, language, area,
   utf8_string, legibility}}, "imgs": {id: {id, set, width, file_name, height}},
-  "imgToAnns": {image id: [ann ids]}} with the MS-COCO images in `train2014/<file_name>`.
+  "imgToAnns": {image id: [ann ids]}} (as COCO-Text's coco_text.py API reads it) with
+  the MS-COCO images in `train2014/<file_name>`.
   `set` 'train' feeds `train`, 'val' feeds `validation`. Legible annotations are quoted;
   illegible ones (which have no `utf8_string`) are not. Key: the image id.
-- `anyword` (AnyWord-3M, AnyText's training set, github.com/tyxsspa/AnyText
-  `t3_dataset.py`): `data.json` files anywhere under `manual_dir` (one per part: Art,
-  COCO_Text, LAION, wukong, ...), {"data_root": ..., "data_list": [{img_name, caption,
+- `anyword` (AnyWord-3M, AnyText's training set; the shape its loader reads,
+  github.com/tyxsspa/AnyText `t3_dataset.py`): `data.json` files anywhere under `manual_dir` (one per part, e.g.
+  ArT, COCO-Text, LAION, Wukong), {"data_root": ..., "data_list": [{img_name, caption,
   annotations: [{polygon [[x, y], ...], text, language, valid}], ...}]}. Images are at
   `<data_root>/<img_name>`, or when `data_root` (an absolute path on the authors' machines)
   does not exist, in the folder named as its last component next to the `data.json`. The
   caption (BLIP-2's, with AnyText's `*` text placeholders removed) is kept and followed
-  by ', with the text "..."', quoting the annotations not marked `valid: false`. Key:
+  by ' with the text "..."', quoting the annotations not marked `valid: false`. Key:
   '<data.json path under manual_dir>:<row>' (rows count from 0). All feed `train`.
 
-Besides `web_images`' features, `words` holds the quoted phrases and `boxes` their
-axis-aligned boxes (x_min, y_min, x_max, y_max) in decoded-image pixels.
+Besides `web_images`' features (`source` is the config's name), `words` holds the
+quoted phrases and `boxes` their axis-aligned boxes (x_min, y_min, x_max, y_max) in
+decoded-image pixels.
 
 Bad examples are skipped and counted by reason in
 `<data_dir>/scene_text/<config>/<version>/skipped_<split>.json`: those of `web_images`
@@ -38,10 +40,10 @@ plus 'no_legible_text' (every word "don't care", illegible or invalid, or none),
 'bbox_outside_image' (a word box reaching further than `box_tolerance` of a side
 outside the decoded image: the annotation is not of this file, e.g. a resized copy;
 boxes within the tolerance are clipped), 'annotation_missing' (an ICDAR image without
-its gt file), 'annotation_invalid_utf8' (a gt file or a word that is not UTF-8) and
-'duplicate_key'. A file that cannot be read as a whole (truncated JSON, a gt line
-without 8 numeric coordinates, a reference to an unknown annotation) raises ValueError
-naming the file and row (ICDAR lines count from 1, JSON rows from 0 or by id).
+its gt file) and 'annotation_invalid_utf8' (a gt file or a word that is not UTF-8).
+A file that cannot be read as a whole (truncated JSON, a gt line without 8 numeric
+coordinates, a reference to an unknown annotation) raises ValueError naming the file
+and row (ICDAR lines count from 1, JSON rows from 0 or by id).
 """
 from __future__ import annotations
 
@@ -58,13 +60,10 @@ import tensorflow_datasets as tfds
 
 from charred.datasets import web_images
 
-SOURCE = "scene_text"
-
 NO_LEGIBLE_TEXT = "no_legible_text"
 BBOX_OUTSIDE_IMAGE = "bbox_outside_image"
 ANNOTATION_MISSING = "annotation_missing"
 ANNOTATION_INVALID_UTF8 = "annotation_invalid_utf8"
-DUPLICATE_KEY = "duplicate_key"
 
 ICDAR_DONT_CARE = "###"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -359,12 +358,7 @@ class SceneText(tfds.core.GeneratorBasedBuilder):
     """Examples of (key, record) pairs, a record being (image path, lead, [(word,
     legible)]) or a skip reason."""
     counter = web_images.SkipCounter()
-    seen: set[str] = set()
     for key, record in records:
-      if key in seen:
-        counter.skip(DUPLICATE_KEY)
-        continue
-      seen.add(key)
       example, reason = (None, record) if isinstance(record, str) else self._example(
           key, *record)
       if example is None:
@@ -401,7 +395,7 @@ class SceneText(tfds.core.GeneratorBasedBuilder):
     return dict(
         image=image.data, caption=text_caption([p.text for p in phrases], lead),
         language=CAPTION_LANGUAGE, key=key, width=image.width, height=image.height,
-        source=f"{SOURCE}/{self.builder_config.name}",
+        source=self.builder_config.name,
         similarity=nan, pwatermark=nan, punsafe=nan, aesthetic_score=nan,
         **word_features(phrases),
     ), None

@@ -46,6 +46,7 @@ from charred.datasets import scene_text
 from charred.datasets import web_images
 
 SOURCE = "textcaps"
+DUPLICATE_KEY = "duplicate_key"
 IMAGES_DIR = "train_images"
 CAPTION_FILES = {"train": "TextCaps_0.1_train.json", "validation": "TextCaps_0.1_val.json"}
 OCR_FILES = {"train": "TextVQA_Rosetta_OCR_v0.2_train.json",
@@ -160,6 +161,7 @@ def _phrase_boxes(phrases: list[str], words: list[scene_text.Word]
 class TextCaps(tfds.core.GeneratorBasedBuilder):
   """TextCaps captions with local images and TextVQA's OCR."""
 
+  name = "textcaps"  # Not TFDS's default snake case of the class name, 'text_caps'.
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [DEFAULT, PLAIN]
@@ -201,7 +203,7 @@ class TextCaps(tfds.core.GeneratorBasedBuilder):
                          "with captions)")
       key = str(item["caption_id"])
       if key in seen:
-        counter.skip(scene_text.DUPLICATE_KEY)
+        counter.skip(DUPLICATE_KEY)
         continue
       seen.add(key)
       example, reason = self._example(key, item, ocr, manual_dir / IMAGES_DIR)
@@ -221,7 +223,7 @@ class TextCaps(tfds.core.GeneratorBasedBuilder):
     if reason:
       return None, reason
     image_id = str(item["image_id"])
-    if not web_images.is_valid_utf8(image_id) or "/" in image_id:
+    if not web_images.is_valid_utf8(image_id):
       return None, web_images.METADATA_INVALID_UTF8
     words = ocr.get(image_id, [])
     if any(not web_images.is_valid_utf8(w.text) for w in words):
