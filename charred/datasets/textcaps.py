@@ -125,13 +125,18 @@ def _core(token: str) -> tuple[int, int]:
   return match.span() if match else (0, 0)
 
 
+def _core_text(token: str) -> str:
+  """`token` without surrounding punctuation, case-folded: how caption and OCR words match."""
+  return token[slice(*_core(token))].casefold()
+
+
 def quote_ocr_words(caption: str, ocr_words: set[str]) -> tuple[str, list[str]]:
-  """`caption` with runs of words that the OCR read (case-insensitive, punctuation
-  aside; single letters only as digits) in double quotes, and the quoted phrases."""
+  """`caption` with runs of words that the OCR read (`ocr_words`, as `_core_text` gives
+  them; single letters only as digits) in double quotes, and the quoted phrases."""
   tokens = [(m.start() + a, m.start() + b)
             for m in re.finditer(r"\S+", caption) for a, b in [_core(m.group())] if b > a]
   hits = [(len(caption[a:b]) > 1 or caption[a:b].isdigit())
-          and caption[a:b].casefold() in ocr_words for a, b in tokens]
+          and _core_text(caption[a:b]) in ocr_words for a, b in tokens]
   runs: list[tuple[int, int]] = []
   for (a, b), hit, prev in zip(tokens, hits, [False] + hits[:-1]):
     if hit and prev and caption[runs[-1][1]:a].isspace():
@@ -150,8 +155,8 @@ def _phrase_boxes(phrases: list[str], words: list[scene_text.Word]
   """Each phrase with the union of the boxes of the OCR words it contains."""
   out = []
   for phrase in phrases:
-    parts = {p[slice(*_core(p))].casefold() for p in phrase.split()}
-    boxes = [w.box for w in words if w.text.casefold() in parts]
+    parts = {_core_text(p) for p in phrase.split()}
+    boxes = [w.box for w in words if _core_text(w.text) in parts]
     box = scene_text.box_of_points([b[0] for b in boxes] + [b[2] for b in boxes],
                                    [b[1] for b in boxes] + [b[3] for b in boxes])
     out.append(scene_text.Word(phrase, box))
@@ -244,7 +249,7 @@ class TextCaps(tfds.core.GeneratorBasedBuilder):
                                          x1 * image.width, y1 * image.height))
                 for w in scene_text.clip_boxes(words, 1, 1, config.box_tolerance)
                 for x0, y0, x1, y1 in [w.box]]
-      caption, quoted = quote_ocr_words(caption, {w.text.casefold() for w in pixels if w.text})
+      caption, quoted = quote_ocr_words(caption, {_core_text(w.text) for w in pixels})
       phrases = _phrase_boxes(quoted, pixels)
     nan = float("nan")
     return dict(
