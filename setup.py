@@ -51,7 +51,7 @@ setuptools.setup(
         "langid==1.1.6",  # offline language ID; ships its model
         "langcodes[data]",  # language names in WiT's "English: ..." caption prefixes
         "resvg-py==0.5.0",  # SVG scenes, rasterised with the bundled fonts only
-        # Script and handwriting fonts (SIL OFL 1.1, from Google Fonts) of the synthetic
+        # Script and handwriting fonts (OFL 1.1 / Apache 2.0, from Google Fonts) of the synthetic
         # calligraphy (datasets.calligraphy), found by package path: ~4.5 MB in all.
         "fontpkg-great-vibes==1.103",
         "fontpkg-dancing-script==2.1",

@@ -41,12 +41,13 @@ characters of Latin, Devanagari and Arabic script in script and handwriting font
 paper-like backgrounds, as a pure function of (seed, index), and writes them in the
 layout above, so synthetic and real data share one reader. The `synthetic*` builder
 configs render it into the download dir: `prepare --builder=calligraphy/synthetic`
-needs no files. Fonts are only those of the `fontpkg-*` wheels (setup.py), found by
-package path, never by a system font lookup; all are SIL Open Font License 1.1,
-redistributed unmodified from github.com/google/fonts (each wheel holds its
-LICENSE): Great Vibes (Robert Leuschke), Dancing Script (Pablo Impallari), Satisfy
-(Sideshow), Caveat (Impallari Type), Kalam (Indian Type Foundry), Amiri (Khaled
-Hosny). Text is shaped by resvg (rustybuzz), so Arabic joins and Devanagari
+needs no files. Fonts are only those of the `fontpkg-*` wheels (setup.py, pinned: the
+pixels depend on the font bytes), found by package path, never by a system font lookup;
+each is redistributed unmodified from github.com/google/fonts with its LICENSE in the
+wheel: Great Vibes (ofl/greatvibes), Dancing Script (ofl/dancingscript), Caveat
+(ofl/caveat), Kalam (Indian Type Foundry, ofl/kalam) and Amiri (ofl/amiri) under the
+SIL Open Font License 1.1, Satisfy (Font Diner, apache/satisfy) under Apache 2.0.
+Text is shaped by resvg (rustybuzz), so Arabic joins and Devanagari
 conjuncts are drawn as written. No CJK brush font ships on PyPI; Han calligraphy
 comes from real folders only.
 """
