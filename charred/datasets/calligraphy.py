@@ -200,7 +200,11 @@ def script_words(script: str, vocabulary_size: int) -> tuple[str, ...]:
   """Frequent words of `script`, most frequent first: words.py's English words for
   Latin, wordfreq's Hindi and Arabic lists for Devanagari and Arabic."""
   if script == LATIN:
-    return words_lib.real_words(vocabulary_size, 3, 8)
+    # Never the typography validation words: text-rendering evaluation stays on unseen
+    # words when calligraphy is trained on.
+    held_out = set(words_lib.word_splits()["validation"])
+    candidates = words_lib.real_words(words_lib.WordSplitConfig.vocabulary_size, 3, 8)
+    return tuple(w for w in candidates if w not in held_out)[:vocabulary_size]
   language, (first, last) = _SCRIPT_WORDS[script]
   out = []
   for w in wordfreq.top_n_list(language, vocabulary_size * 2):
@@ -453,7 +457,12 @@ class Calligraphy(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     synthetic = self.builder_config.synthetic
     if synthetic is None:
-      folder = epath.Path(dl_manager.manual_dir)
+      try:
+        folder = epath.Path(dl_manager.manual_dir)
+      except AssertionError as e:  # TFDS's multi-line one: no manual_dir, or an empty one.
+        raise ValueError(f"{str(e).splitlines()[0].split('. Create it')[0]}: it must hold "
+                         f"{LABELS_CSV} or {LABELS_JSON} and the images (or use a "
+                         "synthetic config)") from None
     else:
       folder = epath.Path(dl_manager.download_dir) / f"calligraphy_{self.builder_config.name}"
       write_synthetic_folder(folder, synthetic)
