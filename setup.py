@@ -51,6 +51,14 @@ setuptools.setup(
         "langid==1.1.6",  # offline language ID; ships its model
         "langcodes[data]",  # language names in WiT's "English: ..." caption prefixes
         "resvg-py==0.5.0",  # SVG scenes, rasterised with the bundled fonts only
+        # Script and handwriting fonts (OFL 1.1 / Apache 2.0, from Google Fonts) of the synthetic
+        # calligraphy (datasets.calligraphy), found by package path: ~4.5 MB in all.
+        "fontpkg-great-vibes==1.103",
+        "fontpkg-dancing-script==2.1",
+        "fontpkg-satisfy==1.1",
+        "fontpkg-caveat==2.0",
+        "fontpkg-kalam==2.1",
+        "fontpkg-amiri==1.2",
     ],
     extras_require={
         # PyTorch .bin checkpoints. A pinned CPU build: plain `torch` pulls GBs of CUDA.
