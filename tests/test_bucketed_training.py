@@ -79,7 +79,7 @@ def test_main_reads_shards_in_buckets_when_configured(tmp_path):
   batches, empty_context = main.make_batches(data, micro_model(), objective, train, 1, 2,
                                              make_iterator=None, codec=None)
   assert empty_context is None
-  it = batches(0)
+  it = batches()
   whole = bucketing.BucketedBatches(shards, 8, BUCKETS, seed=0, process_index=0,
                                     process_count=1)
   for _ in range(3):

@@ -57,7 +57,7 @@ def test_filtered_captions_never_reach_a_training_batch(tmp_path):
   model = dataclasses.replace(micro_model(), text_length=64)
   batches, _ = main.make_batches(data, model, ObjectiveConfig(), train, 0, 1,
                                  make_iterator=None, codec=None)
-  stream = batches(0)
+  stream = batches()
   seen = [str(c) for _ in range(3 * len(GOOD) // 2) for c in next(stream)['caption']]
   assert set(seen) == set(GOOD)
   assert not set(seen) & set(BAD)
