@@ -19,6 +19,14 @@ VAE's unscaled posterior) or, in pixel space, `image` (uint8 [H, W, 3]). Latents
 float32: they are ~6x smaller than the hidden states (SD's 64x64x4 per moment against
 ByT5-Base's 256 x 1536 at most), and bfloat16's 3 significant digits would move an SD
 latent mean (|x| up to ~30) by more than the posterior's own standard deviation.
+
+A bucketed cache (`write_bucketed_cache`, `cache_encoder --shards=DIR`) holds prepared JPEG
+XL shards, each record decoded to its aspect bucket's size as `bucketing.BucketedBatches`
+decodes it: records as above at their bucket's text length, plus `language`, `bucket`,
+`original_size`, `crop` (and `latent_shape`); `index.npy` gives each record's shard
+record number, bucket and file position, in shard order; the manifest (`layout:
+'bucketed'`) the BucketConfig and the source shards' sha256. `BucketedEncoderCache.batches`
+reads it in the bucketed reader's plan, with its checkpointable state.
 """
 from __future__ import annotations
 
