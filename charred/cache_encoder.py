@@ -5,6 +5,7 @@ and VAE run over a dataset once.
       --out=DIR [--task=NAME] [--split=train] [--examples_per_shard=1000] \
       [--batch_size=32] [--overwrite]
   python -m charred.cache_encoder --workdir=RUN --out=DIR ...
+  python -m charred.cache_encoder --gin_file=EXPERIMENT.gin --shards=SHARDS --out=DIR
 
 The model comes from the experiment's gin files (its text encoder as a run starts from
 it: `pretrained.InitConfig.text_encoder`, or the seeded random init; the VAE from
@@ -12,6 +13,11 @@ it: `pretrained.InitConfig.text_encoder`, or the seeded random init; the VAE fro
 encoder of its newest checkpoint). `--task` defaults to the experiment's typography task;
 its images must already have the model's image size. Train on the output with
 `experiment.DataConfig.encoder_cache = 'DIR'` (the text encoder must be frozen).
+
+`--shards` reads prepared JPEG XL shards (`python -m charred.datasets.prepare`) instead
+of a task: every record at the size of its aspect bucket (the experiment's
+`DataConfig.buckets`, which training must then use too), as the bucketed reader decodes
+it (encoder_cache_shards_tiny.gin). The output appears only when complete.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ def define_flags() -> None:
                       'of its newest checkpoint (instead of --gin_file).')
   flags.DEFINE_string('out', None, 'Output directory.')
   flags.DEFINE_string('task', None, "SeqIO task (default: the experiment's typography task).")
+  flags.DEFINE_string('shards', None, 'Prepared JPEG XL shards to cache in the experiment\'s '
+                      'DataConfig.buckets (instead of a task).')
   flags.DEFINE_string('split', 'train', 'Split.')
   flags.DEFINE_integer('examples_per_shard', 1000, 'Records per shard.')
   flags.DEFINE_integer('batch_size', 32, 'Examples per encoder call.')
@@ -46,7 +54,7 @@ def main(argv) -> None:
   import gin  # pylint: disable=g-import-not-at-top
   from charred.datasets import pipeline  # pylint: disable=g-import-not-at-top
   from charred.datasets.encoder_cache import (  # pylint: disable=g-import-not-at-top
-      initial_text_encoder_params, task_examples, write_cache)
+      initial_text_encoder_params, task_examples, write_bucketed_cache, write_cache)
   prog = 'charred.cache_encoder'
   flags = FLAGS
   try:
@@ -54,6 +62,8 @@ def main(argv) -> None:
       raise ValueError(f'unexpected arguments: {argv[1:]}')
     if not flags.out or bool(flags.workdir) == bool(flags.gin_file):
       raise ValueError('needs --out and exactly one of --workdir or --gin_file.')
+    if flags.shards and flags.task:
+      raise ValueError('give --shards or --task, not both.')
     if flags.workdir:
       from charred.configs import runs  # pylint: disable=g-import-not-at-top
       run = runs.load_run(flags.workdir)
@@ -69,6 +79,16 @@ def main(argv) -> None:
     if experiment.objective.train_text_encoder:
       raise ValueError('the experiment trains its text encoder (ObjectiveConfig.'
                        'train_text_encoder=True): cached hidden states would go stale.')
+    if flags.shards:
+      print(f'Encoding {flags.shards} in buckets into {flags.out} ...', flush=True)
+      manifest = write_bucketed_cache(
+          flags.shards, flags.out, experiment.model, encoder_params, codec,
+          buckets=experiment.data.buckets, examples_per_shard=flags.examples_per_shard,
+          batch_size=flags.batch_size, overwrite=flags.overwrite, log=print)
+      print(f'{manifest["num_records"]} records in {sum(map(bool, manifest["bucket_counts"]))}'
+            f' buckets, {manifest["total_bytes"]:,} bytes; skipped '
+            f'{manifest["skipped"] or "none"}.')
+      return
     task = flags.task
     if not task:
       pipeline.prepare(experiment.data.builder_config, experiment.data.data_dir)

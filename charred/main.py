@@ -78,12 +78,17 @@ def make_batches(data, model, objective, train, shard_index: int, shard_count: i
                  make_iterator, codec, init=None):
   """(() -> this process's training batches, the empty caption's cached hidden
   states or None), from the typography task (`make_iterator`), JPEG XL shards in buckets,
-  or an encoder cache, as `data` says."""
+  or an encoder cache (of fixed-size examples, or of shards in `data.buckets`), as `data`
+  says."""
   rows = train.batch_size // shard_count
   if data.encoder_cache:  # cached encoder outputs instead of raw training data
     from charred.datasets import encoder_cache  # pylint: disable=g-import-not-at-top
-    cache = encoder_cache.EncoderCache(data.encoder_cache)
+    cache = encoder_cache.open_cache(data.encoder_cache)
     encoder = encoder_cache.initial_text_encoder_params(model, train.seed, codec, init)
+    if isinstance(cache, encoder_cache.BucketedEncoderCache):  # web shards, in buckets
+      cache.check_model(model, objective, train, encoder, codec, data.buckets)
+      return (lambda: cache.batches(rows, seed=data.seed, process_index=shard_index,
+                                    process_count=shard_count)), cache.empty_context
     cache.check_model(model, objective, train, encoder, codec)
     return (lambda: cache.batches(rows, seed=data.seed, shard_index=shard_index,
                                   shard_count=shard_count)), cache.empty_context

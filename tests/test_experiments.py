@@ -1,6 +1,6 @@
 """One runnable experiment file per capability, each trained a few steps by charred.main
 under the micro overlay: a VAE's latent space, prepared JPEG XL shards in buckets, an
-encoder cache, and FSDP across devices."""
+encoder cache (of a typography task, or of shards in buckets), and FSDP across devices."""
 
 import json
 import os
@@ -89,6 +89,46 @@ def test_encoder_cache_tiny_trains_on_its_cache_and_refuses_other_weights(
   errors = [l for l in bad.stderr.splitlines() if ': error: ' in l]
   assert bad.returncode != 0 and len(errors) == 1 and 'text encoder' in errors[0], bad.stderr
   assert os.listdir(other) == []  # refused before anything was written
+
+
+def test_encoder_cache_shards_tiny_caches_shards_in_buckets_and_trains_on_them(tmp_path):
+  from charred.datasets import jxl_shards  # pylint: disable=g-import-not-at-top
+  examples = [dict(key=f'{i:03d}', image=photo_fixtures.photo(64 if i % 2 else 128, 128, seed=i),
+                   caption=('a photo' if i % 3 else 'a much longer web caption, ' * 2) + str(i))
+              for i in range(24)]
+  shards = str(tmp_path / 'shards')
+  jxl_shards.write_shards(examples, shards, settings=jxl_shards.JxlSettings(lossless=True),
+                          examples_per_shard=10)
+  gin_files = ('--gin_file=experiments/encoder_cache_shards_tiny.gin',
+               '--gin_file=experiments/micro.gin')
+  cache = str(tmp_path / 'cache')
+  proc = run_cli('cache_encoder', *gin_files, f'--shards={shards}', f'--out={cache}',
+                 '--batch_size=4')
+  assert '24 records in 4 buckets' in proc.stdout, proc.stdout
+  workdir = str(tmp_path / 'run')
+  train('encoder_cache_shards_tiny.gin', workdir, f"--gin.ENCODER_CACHE='{cache}'",
+        '--gin.TRAIN_STEPS=2', '--gin.CHECKPOINT_EVERY=2')
+  assert checkpoint_steps(workdir) == [2]
+  from charred.configs import runs  # pylint: disable=g-import-not-at-top
+  state = runs.load_run(workdir).data_state['iterator']
+  assert state['num_records'] == 24 and state['num_batches'] == 2  # the bucketed plan's
+  # One-line refusals that write nothing: shards that are not JPEG XL shards, a missing
+  # folder, a cache for another (seed's) text encoder, a cache for other buckets.
+  for source, message in ((cache, 'not a JPEG XL shard output'),
+                          (str(tmp_path / 'missing'), 'not a folder')):
+    bad = run_cli('cache_encoder', *gin_files, f'--shards={source}',
+                  f'--out={tmp_path / "bad"}', check=False)
+    errors = [l for l in bad.stderr.splitlines() if ': error: ' in l]
+    assert bad.returncode != 0 and len(errors) == 1 and message in errors[0], bad.stderr
+    assert not os.path.exists(tmp_path / 'bad')
+  for binding, message in (('--gin.trainer.TrainConfig.seed=1', 'text encoder'),
+                           ('--gin.bucketing.BucketConfig.text_lengths=(64,)', 'other buckets')):
+    other = str(tmp_path / 'other')
+    bad = train('encoder_cache_shards_tiny.gin', other, f"--gin.ENCODER_CACHE='{cache}'",
+                binding, check=False)
+    errors = [l for l in bad.stderr.splitlines() if ': error: ' in l]
+    assert bad.returncode != 0 and len(errors) == 1 and message in errors[0], bad.stderr
+    assert os.listdir(other) == []  # refused before anything was written
 
 
 def test_typography_tiny_fsdp_shards_the_state_over_four_devices(tmp_path):

@@ -36,7 +36,9 @@ class DataConfig:
   length_curriculum: int = 0
   # A `python -m charred.cache_encoder` output: train on its cached text encoder
   # hidden states and VAE latents instead of encoding raw data every step (the text
-  # encoder must be frozen; the cache must be written for this model). None: raw data.
+  # encoder must be frozen; the cache must be written for this model). A cache of JPEG XL
+  # shards (`cache_encoder --shards=DIR`) is read in `buckets`, which must be the ones it
+  # was written for. None: raw data.
   encoder_cache: str | None = None
   # A `python -m charred.datasets.prepare` output (e.g. LAION-HR or WiT as JPEG XL shards):
   # train on it in aspect-ratio x caption-length buckets; the trainer checkpoints the

@@ -21,6 +21,12 @@ records and process i decodes rows [i * batch_size, (i + 1) * batch_size): every
 batch has the same shape at every step (one global array), and the data of a step does
 not depend on the number of hosts.
 
+The pieces are functions of their arguments, shared with the encoder cache
+(`encoder_cache.write_bucketed_cache` and its reader), so that a cache holds what this
+reader decodes and is read in the same plan: `bucket_numbers`, `bucket_shape`,
+`epoch_permutation`, `plan`, `decode_to_bucket`, and `PlannedBatches` (a plan mapped into
+batches, with its checkpointable state).
+
 Resuming: `get_state()` is a small JSON-able dict (epoch, position, batch count and the
 record numbers waiting in partial buckets); `BucketedBatches(..., state=s)` or
 `set_state(s)` continues with exactly the batch that followed.
@@ -164,7 +170,131 @@ class FeistelPermutation:
     return y.astype(np.int64)
 
 
-class BucketedBatches:
+# The pieces both the bucketed reader and the encoder cache (datasets.encoder_cache) use,
+# so that a cache holds exactly what the reader would decode, in the same plan.
+
+
+def bucket_numbers(index: np.ndarray, config: BucketConfig) -> np.ndarray:
+  """int32 [N]: every record's bucket, from a shards' `.index.npy` rows (width, height,
+  caption_bytes): aspect bucket * len(text_lengths) + text length bucket."""
+  sizes, lengths = config.sizes(), tuple(config.text_lengths)
+  return (nearest_bucket(index["width"], index["height"], sizes) * len(lengths)
+          + text_length_bucket(np.asarray(index["caption_bytes"]) + 1, lengths)
+          ).astype(np.int32)
+
+
+def num_buckets(config: BucketConfig) -> int:
+  return len(config.sizes()) * len(config.text_lengths)
+
+
+def bucket_shape(config: BucketConfig, bucket: int) -> tuple[int, int, int]:
+  """(height, width, text_length) of bucket number `bucket`."""
+  lengths = tuple(config.text_lengths)
+  width, height = config.sizes()[bucket // len(lengths)]
+  return height, width, lengths[bucket % len(lengths)]
+
+
+def epoch_permutation(num_records: int, seed: int, shuffle: bool = True):
+  """(epoch, positions) -> record numbers: epoch e's seeded order (a Feistel permutation,
+  pointwise), or the identity without `shuffle`."""
+  if not shuffle:
+    return lambda epoch, positions: positions
+  return lambda epoch, positions: FeistelPermutation(num_records, [seed, epoch])(positions)
+
+
+def plan(bucket_of: np.ndarray, global_batch_size: int, *, seed: int, shuffle: bool = True,
+         repeat: bool = True):
+  """The global batches of one bucket each (`streams.bucket_batches`) over records whose
+  buckets are `bucket_of`, in `epoch_permutation`'s order."""
+  return streams.bucket_batches(len(bucket_of), epoch_permutation(len(bucket_of), seed, shuffle),
+                                bucket_of, global_batch_size, repeat=repeat,
+                                chunk_size=_ORDER_CHUNK)
+
+
+def state_fingerprint(num_records: int, config: BucketConfig, global_batch_size: int,
+                      seed: int, shuffle: bool) -> dict[str, Any]:
+  """What a saved plan state is valid for (`PlannedBatches.set_state` checks it)."""
+  return dict(version=STATE_VERSION, num_records=num_records, seed=seed, shuffle=shuffle,
+              global_batch_size=global_batch_size,
+              buckets=[list(s) for s in config.sizes()],
+              text_lengths=list(config.text_lengths))
+
+
+def process_rows(planned: dict[str, Any], process_index: int, batch_size: int) -> np.ndarray:
+  """This process's record numbers of a planned global batch."""
+  first = process_index * batch_size
+  return planned["indices"][first:first + batch_size]
+
+
+def decode_to_bucket(data: bytes, size: tuple[int, int], rng: np.random.Generator | None = None,
+                     resample: str = "bicubic") -> tuple[dict[str, Any], np.ndarray]:
+  """A serialized shard record -> (the record with `original_size` (height, width) and
+  `crop` (top, left) added and `image` dropped, uint8 [size[1], size[0], 3] pixels)."""
+  record = jxl_shards.parse_record(data)
+  pixels = jxl_shards.decode_image(record.pop("image"))
+  if pixels.ndim != 3 or pixels.shape[-1] != 3:
+    raise ValueError(f"decoded shape {pixels.shape}")
+  resized, crop = resize_to_bucket(pixels, size, rng, resample)
+  record.update(original_size=(pixels.shape[0], pixels.shape[1]), crop=crop)
+  return record, resized
+
+
+def check_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """(process_index, process_count), JAX's where None."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+  return process_index, process_count
+
+
+class PlannedBatches:
+  """A planned stream (`plan`) mapped by `decode` into batches, read ahead by Grain's
+  prefetch thread; checkpointable: `get_state()` is the plan's state (see
+  `streams.bucket_batches`) with `fingerprint`, which `set_state` checks."""
+
+  def __init__(self, planned, decode, fingerprint: dict[str, Any], prefetch: int = 2,
+               state: dict[str, Any] | None = None):
+    self._fingerprint = fingerprint
+    # Grain's prefetch thread decodes the next batches; its state is the plan's after the
+    # last batch yielded.
+    self._iterator = iter(grain.experimental.ThreadPrefetchIterDataset(
+        planned.map(decode), prefetch_buffer_size=max(1, prefetch)))
+    if state is not None:
+      self.set_state(state)
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-able state after the last batch yielded: the fingerprint, and the plan's
+    epoch, position, batch count and the record numbers waiting in partial buckets."""
+    return dict(self._fingerprint, **self._iterator.get_state())
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continues the stream after the batch `state` was taken at."""
+    for name, value in self._fingerprint.items():
+      if state.get(name) != value:
+        raise ValueError(f"state was saved with {name}={state.get(name)!r}, this iterator "
+                         f"has {value!r}.")
+    self._iterator.set_state({k: v for k, v in state.items() if k not in self._fingerprint})
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iterator)
+
+  def close(self) -> None:
+    self._iterator.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class BucketedBatches(PlannedBatches):
   """Iterator of numpy batches, each from one bucket, exactly resumable.
 
   Batches: image [B, H, W, 3] (float32 in [-1, 1], or uint8 with image_dtype=np.uint8),
@@ -187,12 +317,7 @@ class BucketedBatches:
                process_index: int | None = None, process_count: int | None = None,
                num_threads: int | None = None, prefetch: int = 2,
                state: dict[str, Any] | None = None):
-    if process_index is None or process_count is None:
-      import jax  # pylint: disable=g-import-not-at-top
-      process_index = jax.process_index() if process_index is None else process_index
-      process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+    process_index, process_count = check_process(process_index, process_count)
     if resample not in _RESAMPLE:
       raise ValueError(f"resample {resample!r} is not one of {sorted(_RESAMPLE)}.")
     self.shards = (shards if isinstance(shards, jxl_shards.JxlShards)
@@ -201,70 +326,35 @@ class BucketedBatches:
     self.batch_size = batch_size
     self.global_batch_size = batch_size * process_count
     self._process_index = process_index
-    self._seed, self._shuffle, self._repeat = seed, shuffle, repeat
+    self._seed = seed
     self._random_crop, self._resample = random_crop, resample
     self._image_dtype = np.dtype(image_dtype)
     self.sizes = config.sizes()
     self.text_lengths = tuple(config.text_lengths)
-    index = self.shards.index
-    if len(index) == 0:
+    if len(self.shards.index) == 0:
       raise ValueError(f"{self.shards.out_dir} holds no records.")
-    self._bucket_of = (
-        nearest_bucket(index["width"], index["height"], self.sizes) * len(self.text_lengths)
-        + text_length_bucket(index["caption_bytes"] + 1, self.text_lengths)).astype(np.int32)
+    self._bucket_of = bucket_numbers(self.shards.index, config)
     self._pool = concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count() or 1)
     self.metrics = collections.Counter()
-    plan = streams.bucket_batches(len(self.shards), self._permute, self._bucket_of,
-                                  self.global_batch_size, repeat=repeat,
-                                  chunk_size=_ORDER_CHUNK)
-    # Grain's prefetch thread decodes the next batches (each batch's rows in parallel on
-    # the pool); its state is the plan's after the last batch yielded.
-    self._iterator = iter(grain.experimental.ThreadPrefetchIterDataset(
-        plan.map(self._decode), prefetch_buffer_size=max(1, prefetch)))
-    if state is not None:
-      self.set_state(state)
+    super().__init__(
+        plan(self._bucket_of, self.global_batch_size, seed=seed, shuffle=shuffle,
+             repeat=repeat), self._decode,
+        state_fingerprint(len(self.shards), config, self.global_batch_size, seed, shuffle),
+        prefetch, state)
 
   # Buckets.
 
   @property
   def num_buckets(self) -> int:
-    return len(self.sizes) * len(self.text_lengths)
+    return num_buckets(self.config)
 
   def bucket_shape(self, bucket: int) -> tuple[int, int, int]:
     """(height, width, text_length) of bucket number `bucket`."""
-    width, height = self.sizes[bucket // len(self.text_lengths)]
-    return height, width, self.text_lengths[bucket % len(self.text_lengths)]
+    return bucket_shape(self.config, bucket)
 
   def bucket_counts(self) -> np.ndarray:
     """Records per bucket."""
     return np.bincount(self._bucket_of, minlength=self.num_buckets)
-
-  # State.
-
-  def _fingerprint(self) -> dict[str, Any]:
-    return dict(version=STATE_VERSION, num_records=len(self.shards), seed=self._seed,
-                shuffle=self._shuffle, global_batch_size=self.global_batch_size,
-                buckets=[list(s) for s in self.sizes], text_lengths=list(self.text_lengths))
-
-  def get_state(self) -> dict[str, Any]:
-    """JSON-able state after the last batch yielded: the fingerprint, and the plan's
-    epoch, position, batch count and the record numbers waiting in partial buckets
-    (`streams.bucket_batches`)."""
-    return dict(self._fingerprint(), **self._iterator.get_state())
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    """Continues the stream after the batch `state` was taken at."""
-    expected = self._fingerprint()
-    for name, value in expected.items():
-      if state.get(name) != value:
-        raise ValueError(f"state was saved with {name}={state.get(name)!r}, this iterator "
-                         f"has {value!r}.")
-    self._iterator.set_state({k: v for k, v in state.items() if k not in expected})
-
-  def _permute(self, epoch: int, positions: np.ndarray) -> np.ndarray:
-    if not self._shuffle:
-      return positions
-    return FeistelPermutation(len(self.shards), [self._seed, epoch])(positions)
 
   # Decoding (Grain's prefetch thread, rows on the pool).
 
@@ -272,13 +362,10 @@ class BucketedBatches:
                 global_row: int) -> dict[str, Any] | None:
     height, width, _ = images.shape[1:]
     try:
-      record = jxl_shards.parse_record(self.shards.read_bytes([key])[0])
-      pixels = jxl_shards.decode_image(record["image"])
-      if pixels.ndim != 3 or pixels.shape[-1] != 3:
-        raise ValueError(f"decoded shape {pixels.shape}")
       rng = (np.random.default_rng([self._seed, batch_number, global_row])
              if self._random_crop else None)
-      resized, crop = resize_to_bucket(pixels, (width, height), rng, self._resample)
+      record, resized = decode_to_bucket(self.shards.read_bytes([key])[0], (width, height),
+                                         rng, self._resample)
     except Exception as e:  # A damaged record must not stop training.  # pylint: disable=broad-except
       return dict(error=type(e).__name__)
     if self._image_dtype == np.uint8:
@@ -288,12 +375,12 @@ class BucketedBatches:
       images[row] -= 1.0
     return dict(caption=record["caption"], key=record["key"],
                 language=record.get("language", ""),
-                original_size=(pixels.shape[0], pixels.shape[1]), crop=crop)
+                original_size=record["original_size"], crop=record["crop"])
 
   def _decode(self, planned: dict[str, Any]) -> dict[str, np.ndarray]:
     """This process's rows of a planned global batch, decoded into one batch."""
     bucket, first = planned["bucket"], self._process_index * self.batch_size
-    keys = planned["indices"][first:first + self.batch_size]
+    keys = process_rows(planned, self._process_index, self.batch_size)
     height, width, text_length = self.bucket_shape(bucket)
     images = np.empty((self.batch_size, height, width, 3), self._image_dtype)
     futures = [self._pool.submit(self._load_row, images, i, int(key), planned["number"],
@@ -321,20 +408,6 @@ class BucketedBatches:
         original_size=np.array([r["original_size"] for r in rows], np.int32),
         crop_top_left=np.array([r["crop"] for r in rows], np.int32))
 
-  # Iteration.
-
-  def __iter__(self) -> BucketedBatches:
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._iterator)
-
   def close(self) -> None:
-    self._iterator.close()
+    super().close()
     self._pool.shutdown(wait=True)
-
-  def __enter__(self) -> BucketedBatches:
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()

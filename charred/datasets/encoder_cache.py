@@ -19,15 +19,25 @@ VAE's unscaled posterior) or, in pixel space, `image` (uint8 [H, W, 3]). Latents
 float32: they are ~6x smaller than the hidden states (SD's 64x64x4 per moment against
 ByT5-Base's 256 x 1536 at most), and bfloat16's 3 significant digits would move an SD
 latent mean (|x| up to ~30) by more than the posterior's own standard deviation.
+
+A bucketed cache (`write_bucketed_cache`, `cache_encoder --shards=DIR`) holds prepared JPEG
+XL shards, each record decoded to its aspect bucket's size as `bucketing.BucketedBatches`
+decodes it: records as above at their bucket's text length, plus `language`, `bucket`,
+`original_size`, `crop` (and `latent_shape`); `index.npy` gives each record's shard
+record number, bucket and file position, in shard order; the manifest (`layout:
+'bucketed'`) the BucketConfig and the source shards' sha256. `BucketedEncoderCache.batches`
+reads it in the bucketed reader's plan, with its checkpointable state.
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import datetime
 import hashlib
 import json
 import os
+import shutil
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -37,6 +47,7 @@ import msgpack
 import numpy as np
 
 from charred import tokenizer
+from charred.datasets import bucketing
 from charred.datasets import jxl_shards
 from charred.datasets import streams
 from charred.models.image_codec import LatentCodec
@@ -165,6 +176,49 @@ def _make_record(example, outputs, i: int, text_only: bool = False) -> bytes:
   return serialize_record(record)
 
 
+class _RecordShards:
+  """Appends records to `<split>-NNNNN.array_record` files of `examples_per_shard` each;
+  `close()` returns their manifest entries (path, num_records, num_bytes, sha256)."""
+
+  def __init__(self, out_dir: str, split: str, examples_per_shard: int,
+               log: Callable[[str], None] | None = None):
+    self._out_dir, self._split, self._log = out_dir, split, log
+    self._per_shard = examples_per_shard
+    self.shards, self.num_records = [], 0
+    self._writer, self._in_shard = None, 0
+
+  def write(self, data: bytes) -> int:
+    """Writes one record; returns its position over all shards."""
+    if self._writer is None:
+      from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+      self.shards.append(dict(path=jxl_shards.shard_name(self._split, len(self.shards),
+                                                         'array_record')))
+      self._writer = array_record_module.ArrayRecordWriter(
+          os.path.join(self._out_dir, self.shards[-1]['path']), ARRAY_RECORD_OPTIONS)
+      self._in_shard = 0
+    self._writer.write(data)
+    self._in_shard += 1
+    self.num_records += 1
+    if self._in_shard == self._per_shard:
+      self._close_shard()
+    return self.num_records - 1
+
+  def _close_shard(self) -> None:
+    self._writer.close()
+    self._writer = None
+    shard = self.shards[-1]
+    path = os.path.join(self._out_dir, shard['path'])
+    shard.update(num_records=self._in_shard, num_bytes=os.path.getsize(path),
+                 sha256=jxl_shards.sha256_file(path))
+    if self._log:
+      self._log(f"  {shard['path']}: {self._in_shard} records, {shard['num_bytes']:,} bytes")
+
+  def close(self) -> list[dict[str, Any]]:
+    if self._writer is not None:
+      self._close_shard()
+    return self.shards
+
+
 def write_cache(examples: Iterable[dict[str, Any]], out_dir: str,
                 model_config: TextToImageConfig, text_encoder_params, codec, *,
                 split: str = 'train', source: dict[str, Any] | None = None,
@@ -196,32 +250,13 @@ def write_cache(examples: Iterable[dict[str, Any]], out_dir: str,
                                  (tokens != 0).astype(np.int32),
                                  np.stack([e['image'] for e in padded])))
 
-  shards, skipped = [], collections.Counter()
-  writer, in_shard, num_read = None, 0, 0
-
-  def close_shard():
-    writer.close()
-    path = os.path.join(out_dir, shards[-1]['path'])
-    shards[-1].update(num_records=in_shard, num_bytes=os.path.getsize(path),
-                      sha256=jxl_shards.sha256_file(path))
-    if log:
-      log(f"  {shards[-1]['path']}: {in_shard} records, {shards[-1]['num_bytes']:,} bytes")
+  writer = _RecordShards(out_dir, split, examples_per_shard, log)
+  skipped, num_read = collections.Counter(), 0
 
   def write(batch):
-    nonlocal writer, in_shard
     outputs = encode_batch(batch)
     for i, example in enumerate(batch):
-      if writer is None:
-        from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-        shards.append(dict(path=jxl_shards.shard_name(split, len(shards), 'array_record')))
-        writer = array_record_module.ArrayRecordWriter(
-            os.path.join(out_dir, shards[-1]['path']), ARRAY_RECORD_OPTIONS)
-        in_shard = 0
       writer.write(_make_record(example, outputs, i))
-      in_shard += 1
-      if in_shard == examples_per_shard:
-        close_shard()
-        writer = None
 
   batch = []
   for index, example in enumerate(examples):
@@ -236,8 +271,7 @@ def write_cache(examples: Iterable[dict[str, Any]], out_dir: str,
       batch = []
   if batch:
     write(batch)
-  if writer is not None:
-    close_shard()
+  shards = writer.close()
   empty_tokens = tokenizer.encode_batch([''], length)[0][0]
   empty = dict(key='', caption='', text_tokens=empty_tokens,
                image=np.zeros((*size, 3), np.uint8))
@@ -281,6 +315,69 @@ def task_examples(task_name: str, split: str, text_length: int) -> Iterator[dict
 # Reading.
 
 
+def read_manifest(cache_dir: str, layout: str | None) -> dict[str, Any]:
+  """The manifest of a finished cache of `layout` (None: fixed-size, `write_cache`;
+  'bucketed': `write_bucketed_cache`); one-line errors for anything else."""
+  path = os.path.join(cache_dir, MANIFEST)
+  if not os.path.isdir(cache_dir):
+    raise FileNotFoundError(f'{cache_dir} is not a folder.')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{cache_dir} has no {MANIFEST}: not a finished encoder cache '
+                            '(still being written, or failed).')
+  with open(path) as f:
+    manifest = json.load(f)
+  if 'model' not in manifest:  # e.g. the JPEG XL shards a bucketed cache is written from
+    raise ValueError(f'{cache_dir} is not an encoder cache (python -m charred.cache_encoder '
+                     'writes one).')
+  if manifest.get('format_version') != FORMAT_VERSION:
+    raise ValueError(f'{path}: format_version {manifest.get("format_version")} is not '
+                     f'{FORMAT_VERSION}.')
+  if manifest.get('layout') != layout:
+    raise ValueError(f'{cache_dir} is a {manifest.get("layout") or "fixed-size"} encoder '
+                     f'cache, not a {layout or "fixed-size"} one.')
+  return manifest
+
+
+def open_cache(cache_dir: str) -> EncoderCache | BucketedEncoderCache:
+  """The cache at `cache_dir`, of either layout."""
+  path = os.path.join(cache_dir, MANIFEST)
+  layout = None
+  if os.path.exists(path):
+    with open(path) as f:
+      layout = json.load(f).get('layout')
+  return BucketedEncoderCache(cache_dir) if layout == BUCKETED else EncoderCache(cache_dir)
+
+
+def _check_frozen(objective, train_config) -> None:
+  """An encoder cache needs a frozen text encoder and images encoded before the step."""
+  if objective.train_text_encoder:
+    raise ValueError('An encoder cache needs ObjectiveConfig.train_text_encoder=False: it '
+                     'holds a frozen text encoder\'s outputs.')
+  if train_config.text_encoder_on_host:
+    raise ValueError('An encoder cache replaces TrainConfig.text_encoder_on_host; set it '
+                     'to False.')
+  if objective.device_preprocess is not None:
+    raise ValueError('An encoder cache holds encoded images: '
+                     'ObjectiveConfig.device_preprocess must be None.')
+
+
+_MODEL_PARTS = dict(text_length='text length', image_size='image size',
+                    text_encoder='text encoder', codec='image codec (VAE)')
+
+
+def _check_fingerprint(cache_dir: str, got: dict[str, Any], want: dict[str, Any],
+                       keys: Sequence[str], rewrite: str) -> None:
+  for key in keys:
+    if got.get(key) != want[key]:
+      detail = ''
+      if isinstance(want[key], dict):
+        differ = sorted(k for k in set(got[key]) | set(want[key])
+                        if got[key].get(k) != want[key].get(k))
+        detail = f' (differs in {", ".join(differ)})'
+      raise ValueError(f'{cache_dir} was written for another {_MODEL_PARTS[key]}{detail}: '
+                       f'rewrite it with {rewrite}.')
+
+
 class EncoderCache:
   """A finished cache (`write_cache`): random access, numpy batches, model checks.
 
@@ -293,15 +390,7 @@ class EncoderCache:
 
   def __init__(self, cache_dir: str):
     self.cache_dir = cache_dir
-    path = os.path.join(cache_dir, MANIFEST)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'{cache_dir} has no {MANIFEST}: not a finished encoder cache '
-                              '(still being written, or failed).')
-    with open(path) as f:
-      self.manifest = json.load(f)
-    if self.manifest.get('format_version') != FORMAT_VERSION:
-      raise ValueError(f'{path}: format_version {self.manifest.get("format_version")} is not '
-                       f'{FORMAT_VERSION}.')
+    self.manifest = read_manifest(cache_dir, layout=None)
     self.text_length = self.manifest['model']['text_length']
     self._width = self.manifest['text_width']
     self._latent_shape = self.manifest['latent_shape']
@@ -377,28 +466,314 @@ class EncoderCache:
     DiffusionModel's ObjectiveConfig) would compute with this text encoder and codec: the
     encoder must be frozen, and text length, image size and both models' configs and
     parameters must be the ones the cache was written with."""
-    if objective.train_text_encoder:
-      raise ValueError('An encoder cache needs ObjectiveConfig.train_text_encoder=False: it '
-                       'holds a frozen text encoder\'s outputs.')
-    if train_config.text_encoder_on_host:
-      raise ValueError('An encoder cache replaces TrainConfig.text_encoder_on_host; set it '
-                       'to False.')
-    if objective.device_preprocess is not None:
-      raise ValueError('An encoder cache holds encoded images: '
-                       'ObjectiveConfig.device_preprocess must be None.')
-    want = model_fingerprint(model_config, text_encoder_params, codec)
-    got = self.manifest['model']
-    names = dict(text_length='text length', image_size='image size', text_encoder='text '
-                 'encoder', codec='image codec (VAE)')
-    for key, name in names.items():
-      if got.get(key) != want[key]:
-        detail = ''
-        if isinstance(want[key], dict):
-          differ = sorted(k for k in set(got[key]) | set(want[key])
-                          if got[key].get(k) != want[key].get(k))
-          detail = f' (differs in {", ".join(differ)})'
-        raise ValueError(f'{self.cache_dir} was written for another {name}{detail}: '
-                         'rewrite it with python -m charred.cache_encoder.')
+    _check_frozen(objective, train_config)
+    _check_fingerprint(self.cache_dir, self.manifest['model'],
+                       model_fingerprint(model_config, text_encoder_params, codec),
+                       list(_MODEL_PARTS), 'python -m charred.cache_encoder')
+
+  def close(self) -> None:
+    if self._source is not None:
+      self._source.__exit__(None, None, None)
+
+
+# Bucketed caches: prepared JPEG XL shards, each record at its aspect bucket's size.
+
+
+BUCKETED = 'bucketed'
+INDEX = 'index.npy'
+# Cache record j (in shard record order): its shard record number, its bucket, and where
+# it lies in the ArrayRecord files (written bucket by bucket: one encoder shape at a time).
+INDEX_DTYPE = np.dtype([('source', '<i8'), ('bucket', '<i4'), ('position', '<i8')])
+
+
+def _refuse_existing(out_dir: str, overwrite: bool) -> None:
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and (
+      not overwrite):
+    raise FileExistsError(f'{out_dir} exists and is not empty; pass --overwrite to replace it.')
+
+
+def _replace_dir(tmp: str, out_dir: str) -> None:
+  """Moves the finished `tmp` to `out_dir`; an old `out_dir` is removed only after."""
+  old = f'{out_dir}.old-{os.getpid()}'
+  if os.path.lexists(out_dir):
+    os.replace(out_dir, old)
+  os.replace(tmp, out_dir)
+  if os.path.isdir(old):
+    shutil.rmtree(old)
+  elif os.path.lexists(old):
+    os.remove(old)
+
+
+def _text_encode_fn(model_config: TextToImageConfig):
+  model = TextToImage(model_config)
+  return jax.jit(lambda params, tokens, mask: model.apply(
+      {'params': {'text_encoder': params}}, tokens, mask, method=TextToImage.encode_text))
+
+
+def _bucketed_record(record: dict[str, Any], bucket: int, tokens: np.ndarray, outputs,
+                     i: int, image: np.ndarray) -> bytes:
+  n = int(np.count_nonzero(tokens))
+  out = dict(key=record['key'], caption=record['caption'],
+             language=record.get('language', ''), bucket=int(bucket),
+             original_size=[int(x) for x in record['original_size']],
+             crop=[int(x) for x in record['crop']],
+             text_tokens=tokens[:n].astype('<u2').tobytes(),
+             text_context=np.asarray(outputs['text_context'][i, :n], BFLOAT16).tobytes())
+  if 'latent_mean' in outputs:
+    out['latent_shape'] = list(outputs['latent_mean'].shape[1:])
+    for name in ('latent_mean', 'latent_logvar'):
+      out[name] = np.asarray(outputs[name][i], '<f4').tobytes()
+  else:
+    out['image'] = image.tobytes()
+  return serialize_record(out)
+
+
+def write_bucketed_cache(shards_dir: str, out_dir: str, model_config: TextToImageConfig,
+                         text_encoder_params, codec, *, buckets: bucketing.BucketConfig,
+                         resample: str = 'bicubic', examples_per_shard: int = 1000,
+                         batch_size: int = 32, overwrite: bool = False,
+                         num_threads: int | None = None,
+                         log: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """Encodes every record of the prepared JPEG XL shards in `shards_dir` at its bucket's
+  size (`bucketing.decode_to_bucket`: the bucketed reader's centre crop) into `out_dir`;
+  returns the manifest.
+
+  Records keep the shards' order (`index.npy` maps each to its shard record, bucket and
+  file position); records that do not decode are skipped and counted. The manifest names
+  the buckets, the model (`model_fingerprint`) and the sha256 of every source file. The
+  cache is written into a temporary folder renamed to `out_dir` when complete, so an
+  error leaves nothing and an old `out_dir` (with `overwrite`) intact until then.
+  """
+  if examples_per_shard < 1 or batch_size < 1:
+    raise ValueError(f'examples_per_shard ({examples_per_shard}) and batch_size '
+                     f'({batch_size}) must be >= 1.')
+  longest = max(buckets.text_lengths)
+  if longest > model_config.text_length:
+    raise ValueError(f'buckets.text_lengths go up to {longest} tokens, more than the '
+                     f'model\'s text_length {model_config.text_length}.')
+  factor = codec.downsample_factor
+  uneven = [s for s in buckets.sizes() if s[0] % factor or s[1] % factor]
+  if uneven:
+    raise ValueError(f'bucket sizes {uneven} are not multiples of the codec\'s '
+                     f'downsampling {factor}.')
+  _refuse_existing(out_dir, overwrite)
+  shards = jxl_shards.JxlShards(shards_dir, verify=True)  # the sha256 the manifest records
+  if len(shards) == 0:
+    raise ValueError(f'{shards_dir} holds no records.')
+  bucket_of = bucketing.bucket_numbers(shards.index, buckets)
+  fingerprint = model_fingerprint(model_config, text_encoder_params, codec)
+  tmp = f'{os.path.normpath(out_dir)}.tmp-{os.getpid()}'
+  if os.path.lexists(tmp):
+    shutil.rmtree(tmp)
+  os.makedirs(tmp)
+  try:
+    manifest = _write_buckets(shards, bucket_of, tmp, model_config, text_encoder_params,
+                              codec, buckets, resample, examples_per_shard, batch_size,
+                              num_threads, log)
+    source_manifest = os.path.join(shards_dir, jxl_shards.MANIFEST)
+    manifest = dict(
+        format_version=FORMAT_VERSION,
+        layout=BUCKETED,
+        record_format='array_record',
+        record_encoding='msgpack map: key, caption, language (str); bucket (int); '
+                        'original_size, crop ([2] int); text_tokens (uint16 [n]); '
+                        'text_context (bfloat16 [n, D]); latent_mean, latent_logvar '
+                        '(float32 latent_shape) or image (uint8 [H, W, 3] of the bucket)',
+        model=fingerprint,
+        text_width=int(model_config.text_encoder.d_model),
+        buckets=_jsonable(dataclasses.asdict(buckets)),
+        resample=resample,
+        empty_caption=EMPTY_CAPTION,
+        source=dict(shards_dir=os.path.abspath(shards_dir),
+                    manifest_sha256=jxl_shards.sha256_file(source_manifest),
+                    shards=[{k: s[k] for k in ('path', 'sha256', 'index', 'index_sha256')}
+                            for s in shards.manifest['shards']]),
+        **manifest,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'))
+    jxl_shards.write_json_atomically(os.path.join(tmp, MANIFEST), manifest)
+    _replace_dir(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  finally:
+    shards.close()
+  return manifest
+
+
+def _write_buckets(shards, bucket_of, out_dir, model_config, text_encoder_params, codec,
+                   buckets, resample, examples_per_shard, batch_size, num_threads, log
+                   ) -> dict[str, Any]:
+  """The records, index and empty caption of `write_bucketed_cache`; its manifest's counts."""
+  encode = _encode_fn(model_config, codec)
+  vae_params = codec.params if isinstance(codec, LatentCodec) else {}
+  writer = _RecordShards(out_dir, 'train', examples_per_shard, log)
+  skipped, rows = collections.Counter(), []
+
+  def decode(record: int, size):
+    try:
+      return bucketing.decode_to_bucket(shards.read_bytes([record])[0], size, None, resample)
+    except Exception:  # damaged: skipped and counted  # pylint: disable=broad-except
+      return None
+
+  with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count() or 1) as pool:
+    for bucket in np.unique(bucket_of):
+      height, width, length = bucketing.bucket_shape(buckets, int(bucket))
+      records = np.flatnonzero(bucket_of == bucket)
+      for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        decoded = list(pool.map(lambda r: decode(int(r), (width, height)), chunk))
+        skipped[jxl_shards.CORRUPT_IMAGE] += sum(d is None for d in decoded)
+        good = [(int(r), d) for r, d in zip(chunk, decoded) if d is not None]
+        if not good:
+          continue
+        tokens, mask = tokenizer.encode_batch([d[0]['caption'] for _, d in good], length)
+        images = np.stack([d[1] for _, d in good])
+        pad = batch_size - len(good)  # one shape per bucket, one compilation
+        outputs = jax.device_get(encode(
+            text_encoder_params, vae_params, np.pad(tokens, ((0, pad), (0, 0)), mode='edge'),
+            np.pad(mask, ((0, pad), (0, 0)), mode='edge'),
+            np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0)), mode='edge')))
+        for i, (r, (record, image)) in enumerate(good):
+          position = writer.write(_bucketed_record(record, bucket, tokens[i], outputs, i, image))
+          rows.append((r, int(bucket), position))
+  shard_entries = writer.close()
+  index = np.array(sorted(rows), INDEX_DTYPE)
+  np.save(os.path.join(out_dir, INDEX), index)
+  longest = max(buckets.text_lengths)
+  empty_tokens, empty_mask = tokenizer.encode_batch([''], longest)
+  context = jax.device_get(_text_encode_fn(model_config)(text_encoder_params, empty_tokens,
+                                                          empty_mask))
+  n = int(empty_mask.sum())
+  with open(os.path.join(out_dir, EMPTY_CAPTION), 'wb') as f:
+    f.write(serialize_record(dict(key='', caption='',
+                                  text_tokens=empty_tokens[0, :n].astype('<u2').tobytes(),
+                                  text_context=np.asarray(context[0, :n], BFLOAT16).tobytes())))
+  return dict(
+      index=INDEX, index_sha256=jxl_shards.sha256_file(os.path.join(out_dir, INDEX)),
+      shards=shard_entries,
+      num_records=len(index),
+      num_source_records=len(bucket_of),
+      skipped=dict(sorted((k, v) for k, v in skipped.items() if v)),
+      bucket_counts=np.bincount(index['bucket'],
+                                minlength=bucketing.num_buckets(buckets)).tolist(),
+      total_bytes=sum(s['num_bytes'] for s in shard_entries))
+
+
+def _bucket_config(value: dict[str, Any]) -> bucketing.BucketConfig:
+  return bucketing.BucketConfig(**dict(value, text_lengths=tuple(value['text_lengths'])))
+
+
+class BucketedEncoderCache:
+  """A finished bucketed cache (`write_bucketed_cache`): numpy batches of one bucket each,
+  in the bucketed reader's plan, and model and bucket checks.
+
+  Attributes:
+    manifest: the parsed manifest.json.
+    buckets: the BucketConfig it was written for.
+    index: INDEX_DTYPE [num_records]: shard record, bucket and file position per record.
+    empty_context: float32 [longest text length, D], the empty caption's hidden states
+      (cut to a batch's text length by the model, `diffusion_model.fit_length`).
+  """
+
+  def __init__(self, cache_dir: str):
+    self.cache_dir = cache_dir
+    self.manifest = read_manifest(cache_dir, BUCKETED)
+    self.buckets = _bucket_config(self.manifest['buckets'])
+    self._width = self.manifest['text_width']
+    self.index = np.load(os.path.join(cache_dir, self.manifest['index']))
+    if len(self.index) != self.manifest['num_records']:
+      raise ValueError(f'{cache_dir}/{self.manifest["index"]}: {len(self.index)} rows, the '
+                       f'manifest says {self.manifest["num_records"]}.')
+    shards = self.manifest['shards']
+    jxl_shards.check_shard_sizes(cache_dir, shards)
+    from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+    self._source = array_record_data_source.ArrayRecordDataSource(
+        [os.path.join(cache_dir, s['path']) for s in shards]) if shards else None
+    with open(os.path.join(cache_dir, self.manifest['empty_caption']), 'rb') as f:
+      empty = self._parse(f.read(), max(self.buckets.text_lengths))
+    self.empty_context = empty['text_context']
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def _parse(self, data: bytes, text_length: int) -> dict[str, Any]:
+    record = msgpack.unpackb(data, raw=False)
+    tokens = np.frombuffer(record['text_tokens'], '<u2').astype(np.int32)
+    n = len(tokens)
+    context = np.zeros((text_length, self._width), np.float32)
+    context[:n] = np.frombuffer(record['text_context'], BFLOAT16).reshape(n, self._width)
+    out = dict(key=record['key'], caption=record['caption'], text_context=context,
+               text_tokens=np.pad(tokens, (0, text_length - n)),
+               text_mask=(np.arange(text_length) < n).astype(np.int32))
+    if 'latent_mean' in record:
+      for name in ('latent_mean', 'latent_logvar'):
+        out[name] = np.frombuffer(record[name], '<f4').reshape(record['latent_shape'])
+    elif 'image' in record:
+      height, width, _ = bucketing.bucket_shape(self.buckets, record['bucket'])
+      image = np.frombuffer(record['image'], np.uint8).reshape(height, width, 3)
+      # As BucketedBatches converts, to the bit.
+      out['image'] = np.multiply(image, 2.0 / 255.0, dtype=np.float32) - 1.0
+    if 'bucket' in record:
+      out.update(language=record['language'], bucket=np.int32(record['bucket']),
+                 original_size=np.asarray(record['original_size'], np.int32),
+                 crop_top_left=np.asarray(record['crop'], np.int32))
+    return out
+
+  def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """Records `indices` (of one bucket) as one batch, keys as BucketedBatches' with
+    text_context float32 [B, L, D] and, in a latent space, latent_mean and latent_logvar
+    float32 [B, h, w, z] instead of image."""
+    indices = [int(i) for i in indices]
+    for i in indices:
+      if not 0 <= i < len(self):
+        raise IndexError(f'record {i} is not in [0, {len(self)}).')
+    found = set(self.index['bucket'][indices].tolist())
+    if len(found) != 1:
+      raise ValueError(f'records {indices} are in buckets {sorted(found)}, not one.')
+    text_length = bucketing.bucket_shape(self.buckets, found.pop())[2]
+    positions = [int(p) for p in self.index['position'][indices]]
+    if len(positions) == 1:  # __getitems__ starts a thread pool per call
+      data = [self._source[positions[0]]]
+    else:
+      data = list(self._source.__getitems__(positions))
+    records = [self._parse(d, text_length) for d in data]
+    return {k: np.stack([r[k] for r in records]) for k in records[0]}
+
+  def batches(self, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+              repeat: bool = True, process_index: int | None = None,
+              process_count: int | None = None, prefetch: int = 2,
+              state: dict[str, Any] | None = None) -> bucketing.PlannedBatches:
+    """This process's rows of the global batches `bucketing.BucketedBatches` plans over
+    the same records (without skipped records, the same batches, and the same state)."""
+    process_index, process_count = bucketing.check_process(process_index, process_count)
+    global_batch_size = batch_size * process_count
+    return bucketing.PlannedBatches(
+        bucketing.plan(self.index['bucket'], global_batch_size, seed=seed, shuffle=shuffle,
+                       repeat=repeat),
+        lambda planned: self.read(bucketing.process_rows(planned, process_index, batch_size)),
+        bucketing.state_fingerprint(len(self), self.buckets, global_batch_size, seed, shuffle),
+        prefetch, state)
+
+  def check_model(self, model_config: TextToImageConfig, objective, train_config,
+                  text_encoder_params, codec, buckets: bucketing.BucketConfig) -> None:
+    """Raises ValueError unless the cache holds what training `model_config` on `buckets`
+    would compute: a frozen text encoder and the codec with the cache's configs and
+    parameters, the same bucket sizes and text lengths, none longer than the model's."""
+    _check_frozen(objective, train_config)
+    rewrite = 'python -m charred.cache_encoder --shards=...'
+    _check_fingerprint(self.cache_dir, self.manifest['model'],
+                       model_fingerprint(model_config, text_encoder_params, codec),
+                       ('text_encoder', 'codec'), rewrite)
+    got = (self.buckets.sizes(), tuple(self.buckets.text_lengths))
+    want = (buckets.sizes(), tuple(buckets.text_lengths))
+    if got != want:
+      what = 'bucket sizes' if got[0] != want[0] else 'text lengths'
+      raise ValueError(f'{self.cache_dir} was written for other buckets ({what} differ from '
+                       f'DataConfig.buckets): rewrite it with {rewrite}.')
+    longest = max(buckets.text_lengths)
+    if longest > model_config.text_length:
+      raise ValueError(f'DataConfig.buckets.text_lengths go up to {longest} tokens, more '
+                       f'than the model\'s text_length {model_config.text_length}.')
 
   def close(self) -> None:
     if self._source is not None:

@@ -376,6 +376,8 @@ def write_shards(examples: Iterable[dict[str, Any]], out_dir: str, *,
 
 
 def read_manifest(out_dir: str) -> dict[str, Any]:
+  if not os.path.isdir(out_dir):
+    raise FileNotFoundError(f"{out_dir} is not a folder.")
   path = os.path.join(out_dir, MANIFEST)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{out_dir} has no {MANIFEST}: not a finished JPEG XL shard "
@@ -385,6 +387,9 @@ def read_manifest(out_dir: str) -> dict[str, Any]:
   if manifest.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{path}: format_version {manifest.get('format_version')} is not "
                      f"{FORMAT_VERSION}.")
+  if (manifest.get("codec") or {}).get("name") != "jpegxl":  # e.g. an encoder cache's
+    raise ValueError(f"{out_dir} is not a JPEG XL shard output (python -m "
+                     "charred.datasets.prepare): its manifest names no JPEG XL codec.")
   if manifest.get("record_format") not in FORMATS:
     raise ValueError(f"{path}: record_format {manifest.get('record_format')!r} is not one "
                      f"of {FORMATS}.")

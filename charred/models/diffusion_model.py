@@ -105,6 +105,15 @@ def example_keys(rng, first_example, batch_size: int, stream: int):
   return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, i), stream))(index)
 
 
+def fit_length(context, length: int):
+  """Hidden states [L, D] cut or zero-padded to [length, D]. The empty caption's states are
+  cached once at the longest length, while caption-length buckets give shorter batches;
+  positions past the caption are masked out of cross-attention, so cutting or padding
+  them changes nothing."""
+  context = context[:length]
+  return jnp.pad(context, ((0, length - context.shape[0]), (0, 0)))
+
+
 def batch_size_of(batch) -> int:
   return int(jax.tree_util.tree_leaves(batch)[0].shape[0])
 
@@ -114,7 +123,8 @@ class DiffusionModel:
 
   `empty_context`: with batches from an encoder cache (which carry `text_context`
   computed before caption dropout), the empty caption's hidden states [L, D] from the
-  same cache, substituted for each dropped caption.
+  same cache, substituted for each dropped caption (cut or zero-padded to the batch's
+  text length, `fit_length`).
   """
 
   def __init__(self, config: TextToImageConfig, objective: ObjectiveConfig = ObjectiveConfig(),
@@ -199,7 +209,8 @@ class DiffusionModel:
     context = batch.get('text_context')
     if context is not None and self.empty_context is not None:
       drop = self.caption_drop_mask(rng, first_example, context.shape[0])[:, None, None]
-      context = jnp.where(drop, jnp.asarray(self.empty_context, context.dtype), context)
+      empty = fit_length(jnp.asarray(self.empty_context, context.dtype), context.shape[1])
+      context = jnp.where(drop, empty, context)
     if context is None and not self.objective.train_text_encoder:
       tokens, mask = self.drop_captions(batch['text_tokens'], batch['text_mask'], rng,
                                         first_example)
