@@ -73,6 +73,8 @@ setuptools.setup(
         # `prepare --runner=...` and Beam builds of the web builders (datasets.prepare_beam).
         # Not in `test`/CI: it pins an older protobuf than seqio's TensorFlow wants, so
         # install it into its own virtualenv (`python -m venv --system-site-packages`).
-        "beam": ["apache-beam==2.77.0"],
+        # sentencepiece 0.2.0: later wheels' generated protobuf code needs protobuf >= 7,
+        # which Beam 2.77 does not allow (seqio, so `prepare --task --runner`, imports it).
+        "beam": ["apache-beam==2.77.0", "sentencepiece==0.2.0"],
     },
 )
