@@ -74,11 +74,15 @@ def test_beam_task_counts_filters_as_single_process(beam, manual_dir, single, tm
     outs[name] = str(tmp_path / name)
     prepare.prepare_task('laion_hr', 'train', outs[name], data_dir=str(single / 'tfds'),
                          examples_per_shard=40, runner=runner,
-                         beam_options=BEAM if runner else None)
+                         beam_options=BEAM if runner else None,
+                         filter_names=('valid_caption', 'caption_length'),
+                         filter_args={'caption_length': {'min_bytes': 40}})
   expected, got = _contents(outs['single']), _contents(outs['beam'])
   assert got == expected
-  assert got['manifest']['filtered']['valid_caption']['kept'] == ROWS - sum(
-      EXPECTED_SKIPS.values())
+  filtered = got['manifest']['filtered']
+  assert filtered['valid_caption']['kept'] == ROWS - sum(EXPECTED_SKIPS.values())
+  # The workers ran the filter with its argument, not its default (5 bytes).
+  assert 0 < filtered['caption_length']['too_short'] < filtered['valid_caption']['kept']
 
 
 def test_failing_worker_leaves_no_manifest_or_output(beam, single, tmp_path):

@@ -79,6 +79,37 @@ def test_cli_names_bad_filters_and_sources_in_one_line(tmp_path):
                                                            '--builder=laion_hr')
   assert 'apply to --task only' in one_error('--builder=laion_hr',
                                                          '--filters=boilerplate')
+  assert ("filter 'aesthetic' has no parameter 'min_scor'; its parameters are head, "
+          "min_score") in one_error('--task=laion_hr', '--filters=aesthetic',
+                                    '--filter_args=aesthetic.min_scor=5')
+  assert "arguments for filter 'aesthetic', which is not among the filters run" in one_error(
+      '--task=laion_hr', '--filters=valid_caption', '--filter_args=aesthetic.min_score=5')
+  assert 'is not FILTER.PARAMETER=VALUE' in one_error('--task=laion_hr',
+                                                      '--filter_args=min_score=5')
+
+
+def test_aesthetic_scores_reach_the_shards_and_the_filter_drops_low_ones(tmp_path):
+  from charred.datasets import jxl_shards, prepare  # pylint: disable=g-import-not-at-top
+  manual, out = str(tmp_path / 'img2dataset'), str(tmp_path / 'shards')
+  scores = [6.9, 4.0, 5.5, None, 7.2, 3.1, 6.5, 5.0]  # LAION-Aesthetics v2's cut: 5.0
+  wf.write_img2dataset_shard(manual, 0, [
+      wf.LaionRow(c, wf.jpeg(64, 64, seed=i), aesthetic=a)
+      for i, (c, a) in enumerate(zip(GOOD, scores))])
+  manifest = prepare.prepare_task('laion_hr', 'train', out, data_dir=str(tmp_path / 'tfds'),
+                                  manual_dir=manual, filter_names=['aesthetic'],
+                                  filter_args={'aesthetic': {'min_score': 5.0}})
+  assert manifest['filtered'] == {'aesthetic': {'kept': 5, 'unscored': 1, 'low_score': 2}}
+  assert manifest['source']['filter_args'] == {'aesthetic': {'min_score': 5.0}}
+  shards = jxl_shards.JxlShards(out)
+  written = {r['caption']: r['aesthetic_score'] for r in shards}
+  shards.close()
+  expected = {c: a for c, a in zip(GOOD, scores) if a is None or a >= 5.0}
+  assert set(written) == set(expected)
+  for caption, score in expected.items():
+    if score is None:
+      assert np.isnan(written[caption])
+    else:
+      assert written[caption] == pytest.approx(score, rel=1e-6)
 
 
 GERMAN = ['Ein rotes Fahrrad steht an der Wand', 'Der Hund spielt im Garten mit dem Ball',

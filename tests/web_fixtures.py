@@ -92,6 +92,8 @@ class LaionRow:
   txt: bytes | None = None
   in_tar: bool = True
   json: bytes | None = None
+  # LAION-Aesthetics' score, saved as an additional column ("aesthetic") when any row has one.
+  aesthetic: float | None = None
 
 
 def img2dataset_key(shard_id: int, index: int, number_sample_per_shard: int = 10000,
@@ -131,6 +133,7 @@ def write_img2dataset_shard(folder: str, shard_id: int, rows: list[LaionRow], *,
   os.makedirs(folder, exist_ok=True)
   shard = f"{shard_id:05d}"
   metas, keys, samples = [], [], []
+  with_aesthetic = any(r.aesthetic is not None for r in rows)
   for i, row in enumerate(rows):
     key = img2dataset_key(shard_id, i)
     keys.append(key)
@@ -146,6 +149,8 @@ def write_img2dataset_shard(folder: str, shard_id: int, rows: list[LaionRow], *,
         "original_height": height, "exif": "{}" if ok else None,
         "sha256": hashlib.sha256(row.image).hexdigest() if ok else None,
     }
+    if with_aesthetic:
+      meta = {"aesthetic": row.aesthetic, **meta}
     metas.append(meta)
     if ok and row.in_tar:
       samples.append({"__key__": key, "jpg": row.image,
@@ -153,7 +158,10 @@ def write_img2dataset_shard(folder: str, shard_id: int, rows: list[LaionRow], *,
                       "json": row.json if row.json is not None else json.dumps(meta, indent=4)})
   _write_webdataset_tar(os.path.join(folder, f"{shard}.tar"), samples)
   if with_parquet:
-    table = pa.Table.from_pylist(metas, schema=IMG2DATASET_SCHEMA)
+    schema = IMG2DATASET_SCHEMA
+    if with_aesthetic:
+      schema = pa.schema([("aesthetic", pa.float64()), *zip(schema.names, schema.types)])
+    table = pa.Table.from_pylist(metas, schema=schema)
     pq.write_table(table, os.path.join(folder, f"{shard}.parquet"))
   with open(os.path.join(folder, f"{shard}_stats.json"), "w") as f:
     json.dump({"count": len(rows), "successes": sum(r.image is not None for r in rows)}, f)

@@ -81,7 +81,7 @@ def load(path: str) -> AestheticHead:
   return AestheticHead.from_state_dict(state, source=path)
 
 
-def annotate_and_filter(ds, head: AestheticHead | None = None,
+def annotate_and_filter(ds, head: AestheticHead | str | None = None,
                         min_score: float | None = None, counts=None,
                         name: str = "aesthetic", embedding_key: str = EMBEDDING_KEY,
                         score_key: str = SCORE_KEY):
@@ -96,6 +96,8 @@ def annotate_and_filter(ds, head: AestheticHead | None = None,
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from charred.datasets import filters  # pylint: disable=g-import-not-at-top
+  if isinstance(head, str):  # A path, as `prepare --filter_args=aesthetic.head=PATH` gives.
+    head = load(head)
   if head is not None:
     w, b = head.affine()
     w = tf.constant(w, tf.float64)

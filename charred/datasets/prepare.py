@@ -40,7 +40,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from absl import app
 from absl import flags
@@ -53,6 +53,9 @@ _TASK = flags.DEFINE_string("task", None, "A web source read through its quality
                             "SeqIO task: laion_hr or wit (instead of --builder).")
 _FILTERS = flags.DEFINE_list("filters", None, "With --task: the quality filters, in order "
                              "(default: source_tasks.DEFAULT_FILTERS; empty for none).")
+_FILTER_ARGS = flags.DEFINE_multi_string(
+    "filter_args", [], "With --task: FILTER.PARAMETER=VALUE, a filter's parameter other "
+    "than its default, e.g. aesthetic.min_score=6.5 (repeatable).")
 _REBALANCE = flags.DEFINE_integer("rebalance", None, "With --task: write this many examples "
                                   "drawn with languages at mT5's distribution.")
 _MAX_REPEAT = flags.DEFINE_float("max_repeat", None, "With --rebalance: read no language "
@@ -155,12 +158,16 @@ def iter_task_examples(task_name: str, split: str,
 
 
 def prepare_task(source: str, split: str, out: str, *,
-                 filter_names: Sequence[str] | None = None, data_dir: str | None = None,
+                 filter_names: Sequence[str] | None = None,
+                 filter_args: Mapping[str, Mapping[str, Any]] | None = None,
+                 data_dir: str | None = None,
                  manual_dir: str | None = None, rebalance: int | None = None,
                  max_repeat: float | None = None, runner: str | None = None,
                  beam_options: str | None = None, **shard_options) -> dict[str, Any]:
   """Writes web source `source`'s `split`, through its filters, as JPEG XL shards into
-  `out`; returns the manifest. `shard_options`, `runner` and `beam_options` as `prepare`.
+  `out`; returns the manifest. `filter_args`: parameters of the named filters other than
+  their defaults, by filter name (`source_tasks.parse_filter_args`). `shard_options`,
+  `runner` and `beam_options` as `prepare`.
 
   `rebalance`: instead of each example once, write this many drawn with languages at
   mT5's distribution (`languages.register_rebalanced_mixture` over the filtered task; no
@@ -170,21 +177,27 @@ def prepare_task(source: str, split: str, out: str, *,
   from charred.datasets import filters, source_tasks  # pylint: disable=g-import-not-at-top
   filter_names = (source_tasks.DEFAULT_FILTERS if filter_names is None
                   else tuple(filter_names))
-  source_tasks.check_web_task(source, filter_names)  # Bad names fail before slow work.
+  filter_args = {k: dict(v) for k, v in (filter_args or {}).items()}
+  # Bad names fail before slow work.
+  source_tasks.check_web_task(source, filter_names, filter_args)
   _check_output(out, shard_options.get("overwrite", False))
   if runner and rebalance:
     raise ValueError("--rebalance draws in one process; drop --runner to use it.")
   options = _beam_options(runner, beam_options)
   builder = load_builder(source_tasks.WEB_SOURCES[source], data_dir, manual_dir, options)
   described = dict(_describe(source_tasks.WEB_SOURCES[source], builder), task=source,
-                   filters=list(filter_names))
+                   filters=list(filter_names),
+                   filter_args={k: {p: repr(v) if not isinstance(v, (int, float, str, bool))
+                                    else v for p, v in a.items()}
+                                for k, a in filter_args.items()})
   if options is not None:
     from charred.datasets import prepare_beam  # pylint: disable=g-import-not-at-top
     read = functools.partial(prepare_beam.read_task_chunk, source=source,
-                             filter_names=tuple(filter_names), data_dir=data_dir)
+                             filter_names=tuple(filter_names), data_dir=data_dir,
+                             filter_args=filter_args)
     return _write_beam(read, builder, options, out, split, described, **shard_options)
   counts = filters.FilterCounts()
-  task = source_tasks.web_task(source, filter_names, data_dir, counts)
+  task = source_tasks.web_task(source, filter_names, data_dir, counts, filter_args)
   if not rebalance:
     return _write(iter_task_examples(task, split), out, split, described,
                   filtered=counts.as_dict, **shard_options)
@@ -296,9 +309,10 @@ def main(argv):
   try:
     if bool(_BUILDER.value) == bool(_TASK.value) or not _OUT.value:
       raise ValueError("--out and exactly one of --builder or --task are required.")
-    if (_FILTERS.value is not None or _REBALANCE.value) and not _TASK.value:
-      raise ValueError("--filters and --rebalance apply to --task only (a builder is read "
-                       "as stored).")
+    if ((_FILTERS.value is not None or _FILTER_ARGS.value or _REBALANCE.value)
+        and not _TASK.value):
+      raise ValueError("--filters, --filter_args and --rebalance apply to --task only (a "
+                       "builder is read as stored).")
     settings = jxl_shards.JxlSettings.parse(_QUALITY.value, effort=_EFFORT.value,
                                             decoding_speed=_DECODING_SPEED.value)
     options = dict(data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value,
@@ -307,8 +321,11 @@ def main(argv):
                    num_workers=_NUM_WORKERS.value, overwrite=_OVERWRITE.value,
                    runner=_RUNNER.value, beam_options=_BEAM_OPTIONS.value)
     if _TASK.value:
+      from charred.datasets import source_tasks  # pylint: disable=g-import-not-at-top
       manifest = prepare_task(_TASK.value, _SPLIT.value, _OUT.value,
-                              filter_names=_FILTERS.value, rebalance=_REBALANCE.value,
+                              filter_names=_FILTERS.value,
+                              filter_args=source_tasks.parse_filter_args(_FILTER_ARGS.value),
+                              rebalance=_REBALANCE.value,
                               max_repeat=_MAX_REPEAT.value, **options)
     else:
       manifest = prepare(_BUILDER.value, _SPLIT.value, _OUT.value, **options)

@@ -29,7 +29,7 @@ import os
 import shutil
 import struct
 import tempfile
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from charred.datasets import jxl_shards
 
@@ -109,12 +109,13 @@ def read_builder_chunk(sub_split: str, builder_name: str, data_dir: str | None
 
 
 def read_task_chunk(sub_split: str, source: str, filter_names: Sequence[str],
-                    data_dir: str | None
+                    data_dir: str | None,
+                    filter_args: Mapping[str, Mapping[str, Any]] | None = None
                     ) -> tuple[Iterator[dict[str, Any]], Callable[[], dict[str, Any]]]:
   """(a web source's sub-split through its filters, that chunk's filter counts)."""
   from charred.datasets import filters, prepare, source_tasks  # pylint: disable=g-import-not-at-top
   counts = filters.FilterCounts()
-  task = source_tasks.web_task(source, filter_names, data_dir, counts)
+  task = source_tasks.web_task(source, filter_names, data_dir, counts, filter_args)
   return prepare.iter_task_examples(task, sub_split), counts.as_dict
 
 

@@ -11,13 +11,16 @@ filters decide what reaches the JPEG XL shards and so training.
 """
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
-from typing import Any, Callable, Sequence
+import inspect
+from typing import Any, Callable, Mapping, Sequence
 
 import seqio
 import tensorflow_datasets as tfds
 
+from charred.datasets import aesthetic
 from charred.datasets import filters
 # Importing registers the builders with TFDS, where seqio looks them up.
 from charred.datasets import laion_hr  # pylint: disable=unused-import
@@ -43,7 +46,12 @@ FILTERS = {
     "language_confidence": filters.language_confidence,
     "image_size": filters.image_size,
     "metadata_scores": filters.metadata_scores,
+    # Annotates scores only (`min_score` None) unless given one, e.g. LAION-Aesthetics
+    # v2's 5.0 or 6.5: `--filter_args=aesthetic.min_score=6.5`.
+    "aesthetic": aesthetic.annotate_and_filter,
 }
+# Filter parameters that are the pipeline's, not the user's.
+_FIXED_PARAMETERS = ("ds", "counts", "name")
 DEFAULT_FILTERS = ("valid_caption", "caption_length", "url_or_filename", "boilerplate",
                    "repetition")
 # The arguments of the tasks registered here, by name.
@@ -89,32 +97,70 @@ def register_source_task(name: str, tfds_name: str, data_dir: str | None = None,
   return name
 
 
-def check_web_task(source: str, filter_names: Sequence[str]) -> None:
-  """One line for a web source or filter name that does not exist."""
+def filter_parameters(name: str) -> tuple[str, ...]:
+  """The parameters filter `name` takes from `filter_args`."""
+  return tuple(p for p in inspect.signature(FILTERS[name]).parameters
+               if p not in _FIXED_PARAMETERS)
+
+
+def parse_filter_args(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
+  """['aesthetic.min_score=6.5', ...] -> {'aesthetic': {'min_score': 6.5}}; values are
+  Python literals (a bare word is taken as a string)."""
+  args: dict[str, dict[str, Any]] = {}
+  for spec in specs:
+    target, sep, text = spec.partition("=")
+    name, dot, parameter = target.strip().partition(".")
+    if not (sep and dot and name and parameter):
+      raise ValueError(f"filter argument {spec!r} is not FILTER.PARAMETER=VALUE.")
+    try:
+      value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      value = text.strip()
+    args.setdefault(name, {})[parameter] = value
+  return args
+
+
+def check_web_task(source: str, filter_names: Sequence[str],
+                   filter_args: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+  """One line for a web source, filter or filter parameter that does not exist."""
   if source not in WEB_SOURCES:
     raise ValueError(f"unknown web source {source!r}; the sources are "
                      f"{', '.join(WEB_SOURCES)}.")
   for name in filter_names:
     if name not in FILTERS:
       raise ValueError(f"unknown filter {name!r}; the filters are {', '.join(FILTERS)}.")
+  for name, args in (filter_args or {}).items():
+    if name not in filter_names:
+      raise ValueError(f"arguments for filter {name!r}, which is not among the filters "
+                       f"run ({', '.join(filter_names) or 'none'}).")
+    for parameter in args:
+      if parameter not in filter_parameters(name):
+        raise ValueError(f"filter {name!r} has no parameter {parameter!r}; its parameters "
+                         f"are {', '.join(filter_parameters(name))}.")
 
 
 def web_task(source: str, filter_names: Sequence[str] = DEFAULT_FILTERS,
              data_dir: str | None = None,
-             counts: filters.FilterCounts | None = None) -> str:
+             counts: filters.FilterCounts | None = None,
+             filter_args: Mapping[str, Mapping[str, Any]] | None = None) -> str:
   """Registers the task over web source `source` (a `WEB_SOURCES` name) with the named
   filters, in order, ahead of tokenisation; returns its name. Images stay encoded (the
-  shards re-encode them) and every `SHARD_KEYS` feature is kept. Each filter counts its
-  outcomes in `counts` (default: `filters.COUNTS`). Registering the same source and
-  filters again replaces the task, so its counts are those of the latest `counts`."""
-  check_web_task(source, filter_names)
+  shards re-encode them) and every `SHARD_KEYS` feature is kept. `filter_args` overrides
+  filters' default parameters by filter name. Each filter counts its outcomes in
+  `counts` (default: `filters.COUNTS`). Registering the same source, filters and
+  arguments again replaces the task, so its counts are those of the latest `counts`."""
+  filter_args = {k: dict(v) for k, v in (filter_args or {}).items()}
+  check_web_task(source, filter_names, filter_args)
   counts = counts if counts is not None else filters.COUNTS
-  digest = hashlib.sha1(repr((tuple(filter_names), data_dir)).encode()).hexdigest()[:8]
+  key = (tuple(filter_names), sorted((k, sorted(v.items())) for k, v in filter_args.items()),
+         data_dir)
+  digest = hashlib.sha1(repr(key).encode()).hexdigest()[:8]
   name = f"{source}_filtered_{digest}"
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
     _REGISTERED.pop(name, None)
-  preprocessors = [functools.partial(FILTERS[f], counts=counts) for f in filter_names]
+  preprocessors = [functools.partial(FILTERS[f], counts=counts, **filter_args.get(f, {}))
+                   for f in filter_names]
   builder = WEB_SOURCES[source]
   version = tfds.builder_cls(builder.split("/")[0]).VERSION  # seqio wants it explicit
   return register_source_task(name, f"{builder}:{version}", data_dir, decode_image=False,
