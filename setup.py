@@ -70,5 +70,11 @@ setuptools.setup(
         # launched with mpirun. mpi4jax builds from source: it needs an MPI (Debian's
         # libopenmpi-dev) and CUDA_ROOT=/usr/local/cuda set while pip builds it.
         "mpi": ["mpi4py", "mpi4jax"],
+        # `prepare --runner=...` and Beam builds of the web builders (datasets.prepare_beam).
+        # Not in `test`/CI: it pins an older protobuf than seqio's TensorFlow wants, so
+        # install it into its own virtualenv (`python -m venv --system-site-packages`).
+        # sentencepiece 0.2.0: later wheels' generated protobuf code needs protobuf >= 7,
+        # which Beam 2.77 does not allow (seqio, so `prepare --task --runner`, imports it).
+        "beam": ["apache-beam==2.77.0", "sentencepiece==0.2.0"],
     },
 )

@@ -222,3 +222,61 @@ def write_wit_image(manual_dir: str, image_url: str, data: bytes) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "wb") as f:
     f.write(data)
+
+
+# A LAION-HR download at scale (benchmarks/prepare_scale.py, tests/test_prepare_beam.py).
+
+# Bad rows of `write_laion_hr_fixture`, by row number: which skip reason each gives.
+def laion_bad_row(i: int) -> str | None:
+  """The skip reason row `i` of the fixture is made to give, or None for a good row."""
+  if i % 97 == 13:
+    return "image_corrupt"  # a JPEG cut in half
+  if i % 89 == 7:
+    return "caption_invalid_utf8"
+  if i % 101 == 50:
+    return "not_downloaded"  # img2dataset's failed_to_download: a parquet row only
+  return None
+
+
+def write_laion_hr_fixture(folder: str, num_rows: int, *, seed: int = 0,
+                           rows_per_shard: int = 500, min_side: int = 160,
+                           max_side: int = 320) -> dict[str, int]:
+  """An img2dataset LAION-HR download of `num_rows` rows (shards of `rows_per_shard`):
+  photo-like JPEGs (quality 90) of random sizes in [min_side, max_side], fixed by `seed`,
+  with ~3 % bad rows (`laion_bad_row`). Returns the expected skip counts by reason."""
+  from photo_fixtures import photo  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  expected: dict[str, int] = {}
+  for shard_id, start in enumerate(range(0, num_rows, rows_per_shard)):
+    rows = []
+    for i in range(start, min(start + rows_per_shard, num_rows)):
+      width, height = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
+      data = encode(photo(height, width, seed=seed * 1_000_003 + i), "JPEG", quality=90)
+      reason = laion_bad_row(i)
+      if reason:
+        expected[reason] = expected.get(reason, 0) + 1
+      if reason == "image_corrupt":
+        data = data[: len(data) // 2]
+      rows.append(LaionRow(f"Photo {i}: a {'red' if i % 2 else 'blue'} sign reading "
+                           f"'OPEN {i}'", None if reason == "not_downloaded" else data,
+                           txt=b"caf\xe9 \xff" if reason == "caption_invalid_utf8" else None,
+                           language=("en", "de", "fr")[i % 3]))
+    write_img2dataset_shard(folder, shard_id, rows)
+  return dict(sorted(expected.items()))
+
+
+def shard_contents(out: str) -> dict:
+  """What two runs of `prepare` must agree on: the manifest bar its time, and per shard
+  every record's fields with a digest of its decoded pixels in place of the codestream
+  (NaN metadata as 'nan', so that equal records compare equal)."""
+  from charred.datasets import jxl_shards  # pylint: disable=g-import-not-at-top
+  manifest = jxl_shards.read_manifest(out)
+  manifest = {k: v for k, v in manifest.items() if k != "created"}
+  shards = jxl_shards.JxlShards(out, verify=True)
+  records = []
+  for r in shards:
+    pixels = jxl_shards.decode_image(r.pop("image"))
+    r = {k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
+    records.append(dict(r, pixels=hashlib.sha256(pixels.tobytes()).hexdigest()))
+  shards.close()
+  return dict(manifest=manifest, records=records)

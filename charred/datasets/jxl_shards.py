@@ -292,6 +292,83 @@ def write_json_atomically(path: str, value: Any) -> None:
   os.replace(tmp, path)
 
 
+def check_write_options(record_format: str, examples_per_shard: int) -> None:
+  """Refuses bad writer options before any slow work (one line each)."""
+  if record_format not in FORMATS:
+    raise ValueError(f"format {record_format!r} is not one of {FORMATS}.")
+  if examples_per_shard < 1:
+    raise ValueError(f"examples_per_shard must be >= 1, got {examples_per_shard}.")
+
+
+def encode_example(example: dict[str, Any], settings: JxlSettings,
+                   max_pixels: int | None = None) -> dict[str, Any] | SkipExample:
+  """`make_record`, with a skipped example returned (as its SkipExample) rather than raised."""
+  try:
+    return make_record(example, settings, max_pixels)
+  except SkipExample as e:
+    return e
+
+
+def shard_entry_names(split: str, index: int, record_format: str) -> dict[str, str]:
+  """A shard's manifest entry before writing: its record file and index sidecar."""
+  name = shard_name(split, index, record_format)
+  return dict(path=name, index=name.rsplit(".", 1)[0] + ".index.npy")
+
+
+def write_records(records: Iterable[dict[str, Any]], out_dir: str, split: str, index: int,
+                  record_format: str) -> tuple[dict[str, Any], int]:
+  """Writes one shard (records + `.index.npy`) into `out_dir`; returns its manifest entry
+  and the JPEG XL bytes it holds. The single-process writer and Beam's workers both
+  write shards through here, so the files are the same byte for byte."""
+  entry = shard_entry_names(split, index, record_format)
+  path, index_path = (os.path.join(out_dir, entry[k]) for k in ("path", "index"))
+  writer, rows, image_bytes = _open_writer(path, record_format), [], 0
+  try:
+    for record in records:
+      writer.write(serialize_record(record))
+      rows.append((record["width"], record["height"], len(record["caption"].encode())))
+      image_bytes += len(record["image"])
+  finally:
+    writer.close()
+  np.save(index_path, np.array(rows, dtype=INDEX_DTYPE))
+  entry.update(num_records=len(rows), num_bytes=os.path.getsize(path),
+               sha256=sha256_file(path), index_sha256=sha256_file(index_path))
+  return entry, image_bytes
+
+
+def make_manifest(*, settings: JxlSettings, record_format: str, split: str,
+                  shards: Sequence[dict[str, Any]], num_read: int,
+                  skipped: dict[str, int], image_bytes: int,
+                  source: dict[str, Any] | None = None, max_pixels: int | None = None,
+                  filtered: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The manifest of finished shards (entries as `write_records` returns them)."""
+  return dict(
+      format_version=FORMAT_VERSION,
+      record_format=record_format,
+      record_encoding="msgpack map: image (JPEG XL codestream), key, caption, language, "
+                      "width, height [, source, " + ", ".join(EXTRA_FLOAT_KEYS) + "]",
+      codec=settings.to_json(),
+      max_pixels=max_pixels,
+      source=dict(source or {}, split=split),
+      shards=list(shards),
+      num_records=sum(s["num_records"] for s in shards),
+      num_examples_read=num_read,
+      skipped=dict(sorted(skipped.items())),
+      filtered=filtered or {},
+      total_bytes=sum(s["num_bytes"] for s in shards),
+      image_bytes=image_bytes,
+      created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+  )
+
+
+def merge_skipped(*counts: dict[str, int]) -> dict[str, int]:
+  """Skip counts by reason, summed (Beam workers count their own)."""
+  total = collections.Counter()
+  for c in counts:
+    total.update(c)
+  return dict(sorted(total.items()))
+
+
 def write_shards(examples: Iterable[dict[str, Any]], out_dir: str, *,
                  settings: JxlSettings = JxlSettings(), record_format: str = "array_record",
                  examples_per_shard: int = 1000, split: str = "train",
@@ -305,69 +382,37 @@ def write_shards(examples: Iterable[dict[str, Any]], out_dir: str, *,
   in the manifest's `skipped`. Encoding runs on `num_workers` threads (default: all
   cores), as libjxl releases the GIL. `filtered()`, called once `examples` is spent, gives
   the manifest's `filtered`: what quality filters upstream dropped, by filter and reason.
+  (`prepare_beam` writes the same shards from Beam workers.)
   """
-  if record_format not in FORMATS:
-    raise ValueError(f"format {record_format!r} is not one of {FORMATS}.")
-  if examples_per_shard < 1:
-    raise ValueError(f"examples_per_shard must be >= 1, got {examples_per_shard}.")
+  check_write_options(record_format, examples_per_shard)
   prepare_output_dir(out_dir, overwrite)
   num_workers = num_workers or os.cpu_count() or 1
   skipped = collections.Counter()
-  shards = []
-  num_read = image_bytes = 0
+  num_read = 0
 
-  def encode(example):
-    try:
-      return make_record(example, settings, max_pixels)
-    except SkipExample as e:
-      return e
+  def records():
+    nonlocal num_read
+    for record in _ordered_map(lambda ex: encode_example(ex, settings, max_pixels),
+                               examples, num_workers):
+      num_read += 1
+      if isinstance(record, SkipExample):
+        skipped[record.reason] += 1
+      else:
+        yield record
 
-  writer = index = None
-
-  def close_shard():
-    writer.close()
-    path = os.path.join(out_dir, shards[-1]["path"])
-    index_path = os.path.join(out_dir, shards[-1]["index"])
-    np.save(index_path, np.array(index, dtype=INDEX_DTYPE))
-    shards[-1].update(num_records=len(index), num_bytes=os.path.getsize(path),
-                      sha256=sha256_file(path), index_sha256=sha256_file(index_path))
+  shards, image_bytes = [], 0
+  stream = iter(records())
+  while (first := next(stream, None)) is not None:
+    shard = itertools.chain([first], itertools.islice(stream, examples_per_shard - 1))
+    entry, n_bytes = write_records(shard, out_dir, split, len(shards), record_format)
+    shards.append(entry)
+    image_bytes += n_bytes
     if log:
-      log(f"  {shards[-1]['path']}: {len(index)} records, {shards[-1]['num_bytes']:,} bytes")
-
-  for record in _ordered_map(encode, examples, num_workers):
-    num_read += 1
-    if isinstance(record, SkipExample):
-      skipped[record.reason] += 1
-      continue
-    if writer is None:
-      name = shard_name(split, len(shards), record_format)
-      shards.append(dict(path=name, index=name.rsplit(".", 1)[0] + ".index.npy"))
-      writer, index = _open_writer(os.path.join(out_dir, name), record_format), []
-    writer.write(serialize_record(record))
-    index.append((record["width"], record["height"], len(record["caption"].encode())))
-    image_bytes += len(record["image"])
-    if len(index) == examples_per_shard:
-      close_shard()
-      writer = None
-  if writer is not None:
-    close_shard()
-  manifest = dict(
-      format_version=FORMAT_VERSION,
-      record_format=record_format,
-      record_encoding="msgpack map: image (JPEG XL codestream), key, caption, language, "
-                      "width, height [, source, " + ", ".join(EXTRA_FLOAT_KEYS) + "]",
-      codec=settings.to_json(),
-      max_pixels=max_pixels,
-      source=dict(source or {}, split=split),
-      shards=shards,
-      num_records=sum(s["num_records"] for s in shards),
-      num_examples_read=num_read,
-      skipped=dict(sorted(skipped.items())),
-      filtered=filtered() if filtered else {},
-      total_bytes=sum(s["num_bytes"] for s in shards),
-      image_bytes=image_bytes,
-      created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-  )
+      log(f"  {entry['path']}: {entry['num_records']} records, {entry['num_bytes']:,} bytes")
+  manifest = make_manifest(settings=settings, record_format=record_format, split=split,
+                           shards=shards, num_read=num_read, skipped=skipped,
+                           image_bytes=image_bytes, source=source, max_pixels=max_pixels,
+                           filtered=filtered() if filtered else {})
   write_json_atomically(os.path.join(out_dir, MANIFEST), manifest)
   return manifest
 

@@ -33,6 +33,7 @@ count from 0).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -236,8 +237,9 @@ def _int_or_minus_one(value: float) -> int:
   return -1 if math.isnan(value) else int(value)
 
 
-class LaionHr(tfds.core.GeneratorBasedBuilder):
-  """LAION-High-Resolution from local img2dataset webdataset shards."""
+class LaionHr(web_images.BeamWhenAsked, tfds.core.GeneratorBasedBuilder):
+  """LAION-High-Resolution from local img2dataset webdataset shards (through Beam when a
+  build is given a runner; see `web_images.BeamWhenAsked`)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -268,78 +270,82 @@ class LaionHr(tfds.core.GeneratorBasedBuilder):
     return {"train": self._generate_examples(epath.Path(dl_manager.manual_dir))}
 
   def _generate_examples(self, manual_dir: epath.Path):
-    shards = sorted({p.name[:-len(p.suffix)] for p in manual_dir.iterdir()
-                     if p.suffix in (".tar", ".parquet")})
-    if not shards:
-      raise ValueError(f"{manual_dir}: no img2dataset shards (NNNNN.tar, NNNNN.parquet).")
-    counter = web_images.SkipCounter()
-    for shard in shards:
-      tar, parquet = manual_dir / f"{shard}.tar", manual_dir / f"{shard}.parquet"
-      yield from self._shard_examples(tar if tar.exists() else None,
-                                      parquet if parquet.exists() else None, counter)
-    web_images.write_skip_report(self.data_dir, f"{self.name}/{self.builder_config.name}",
-                                 "train", counter)
+    return self.generate("train", source_shards(manual_dir),
+                         functools.partial(shard_examples, config=self.builder_config))
 
-  def _shard_examples(self, tar: epath.Path | None, parquet: epath.Path | None,
-                      counter: web_images.SkipCounter) -> Iterator[tuple[str, dict]]:
-    """Examples of one shard; every parquet row and tar sample is counted once."""
-    rows = read_shard_metadata(parquet) if parquet else {}
-    seen: set[str] = set()
-    interrupted = False
-    if tar:
-      try:
-        for key, members in webdataset_tar.iter_samples(tar):
-          if key in seen:
-            counter.skip(DUPLICATE_KEY)
-            continue
-          seen.add(key)
-          example, reason = self._example(key, members, rows.get(key))
-          if example is None:
-            counter.skip(reason)
-          else:
-            counter.keep()
-            yield key, example
-      except webdataset_tar.TarDamaged as e:
-        logging.warning("Skipping the rest of a damaged tar: %s", e)
-        interrupted = True
-    unseen = [m for k, m in rows.items() if k not in seen]
-    counter.skip(NOT_DOWNLOADED, sum(m.status != SUCCESS for m in unseen))
-    lost = sum(m.status == SUCCESS for m in unseen)
-    counter.skip(TAR_TRUNCATED if interrupted else MISSING_FROM_TAR, lost)
-    if interrupted and not parquet:
-      counter.skip(TAR_TRUNCATED)  # Without metadata, only the sample being read is known.
 
-  def _example(self, key: str, members: dict[str, bytes],
-               row: SampleMetadata | None) -> tuple[dict | None, str | None]:
-    """The feature dict of one tar sample, or (None, skip reason)."""
-    config = self.builder_config
-    meta = row if row is not None else _json_metadata(members.get("json"))
-    if meta is None:
-      return None, web_images.METADATA_MISSING
-    caption, reason = web_images.decode_caption(
-        members["txt"] if "txt" in members else meta.caption)
-    if reason:
-      return None, reason
-    if not web_images.is_valid_utf8(meta.url):
-      return None, web_images.METADATA_INVALID_UTF8
-    if web_images.above(meta.pwatermark, config.max_pwatermark):
-      return None, WATERMARK
-    if web_images.above(meta.punsafe, config.max_punsafe):
-      return None, UNSAFE
-    data = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
-    if data is None:
-      return None, web_images.IMAGE_MISSING
-    image, reason = web_images.probe_image(data)
-    if reason:
-      return None, reason
-    if min(image.width, image.height) < config.min_side:
-      return None, web_images.IMAGE_TOO_SMALL
-    return dict(
-        image=image.data, caption=caption,
-        language=web_images.normalize_language(meta.language),
-        key=key, width=image.width, height=image.height, source=SOURCE,
-        similarity=meta.similarity, pwatermark=meta.pwatermark, punsafe=meta.punsafe,
-        aesthetic_score=meta.aesthetic_score, url=meta.url,
-        original_width=_int_or_minus_one(meta.original_width),
-        original_height=_int_or_minus_one(meta.original_height),
-    ), None
+def source_shards(manual_dir: str | os.PathLike[str]) -> list[tuple[str | None, str | None]]:
+  """(tar, parquet) paths of each img2dataset shard in `manual_dir`, None where absent."""
+  manual_dir = epath.Path(manual_dir)
+  names = sorted({p.name[:-len(p.suffix)] for p in manual_dir.iterdir()
+                  if p.suffix in (".tar", ".parquet")})
+  if not names:
+    raise ValueError(f"{manual_dir}: no img2dataset shards (NNNNN.tar, NNNNN.parquet).")
+  paths = [(manual_dir / f"{n}.tar", manual_dir / f"{n}.parquet") for n in names]
+  return [(str(t) if t.exists() else None, str(p) if p.exists() else None) for t, p in paths]
+
+
+def shard_examples(shard: tuple[str | None, str | None], counter: web_images.SkipCounter,
+                   config: LaionHrConfig) -> Iterator[tuple[str, dict]]:
+  """Examples of one shard; every parquet row and tar sample is counted once."""
+  tar, parquet = (epath.Path(p) if p else None for p in shard)
+  rows = read_shard_metadata(parquet) if parquet else {}
+  seen: set[str] = set()
+  interrupted = False
+  if tar:
+    try:
+      for key, members in webdataset_tar.iter_samples(tar):
+        if key in seen:
+          counter.skip(DUPLICATE_KEY)
+          continue
+        seen.add(key)
+        example, reason = _example(key, members, rows.get(key), config)
+        if example is None:
+          counter.skip(reason)
+        else:
+          counter.keep()
+          yield key, example
+    except webdataset_tar.TarDamaged as e:
+      logging.warning("Skipping the rest of a damaged tar: %s", e)
+      interrupted = True
+  unseen = [m for k, m in rows.items() if k not in seen]
+  counter.skip(NOT_DOWNLOADED, sum(m.status != SUCCESS for m in unseen))
+  lost = sum(m.status == SUCCESS for m in unseen)
+  counter.skip(TAR_TRUNCATED if interrupted else MISSING_FROM_TAR, lost)
+  if interrupted and not parquet:
+    counter.skip(TAR_TRUNCATED)  # Without metadata, only the sample being read is known.
+
+
+def _example(key: str, members: dict[str, bytes], row: SampleMetadata | None,
+             config: LaionHrConfig) -> tuple[dict | None, str | None]:
+  """The feature dict of one tar sample, or (None, skip reason)."""
+  meta = row if row is not None else _json_metadata(members.get("json"))
+  if meta is None:
+    return None, web_images.METADATA_MISSING
+  caption, reason = web_images.decode_caption(
+      members["txt"] if "txt" in members else meta.caption)
+  if reason:
+    return None, reason
+  if not web_images.is_valid_utf8(meta.url):
+    return None, web_images.METADATA_INVALID_UTF8
+  if web_images.above(meta.pwatermark, config.max_pwatermark):
+    return None, WATERMARK
+  if web_images.above(meta.punsafe, config.max_punsafe):
+    return None, UNSAFE
+  data = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+  if data is None:
+    return None, web_images.IMAGE_MISSING
+  image, reason = web_images.probe_image(data)
+  if reason:
+    return None, reason
+  if min(image.width, image.height) < config.min_side:
+    return None, web_images.IMAGE_TOO_SMALL
+  return dict(
+      image=image.data, caption=caption,
+      language=web_images.normalize_language(meta.language),
+      key=key, width=image.width, height=image.height, source=SOURCE,
+      similarity=meta.similarity, pwatermark=meta.pwatermark, punsafe=meta.punsafe,
+      aesthetic_score=meta.aesthetic_score, url=meta.url,
+      original_width=_int_or_minus_one(meta.original_width),
+      original_height=_int_or_minus_one(meta.original_height),
+  ), None

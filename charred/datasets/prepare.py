@@ -6,6 +6,12 @@ manifest (see `jxl_shards`).
       [--quality=<distance>|q<quality>|lossless] [--effort=3] [--decoding_speed=2] \
       [--examples_per_shard=N] [--max_pixels=N] [--num_workers=N] [--overwrite]
   python -m charred.datasets.prepare --task=laion_hr|wit [--filters=a,b,...] --out=DIR ...
+  ... [--runner=direct|DataflowRunner|... [--beam_pipeline_options=key=value,...]]
+
+`--runner` runs the same preparation as Apache Beam pipelines (`pip install
+'charred[beam]'`; see `prepare_beam`): the builder is generated through Beam and the
+shards are written by Beam workers, with the same keys, pixels, shard boundaries, skip
+counts and manifest (bar its `created` time). Without it everything runs in this process.
 
 `--task` reads the source through its SeqIO task (`source_tasks.web_task`): the named
 quality filters (default `source_tasks.DEFAULT_FILTERS`; `--filters=` for none) run
@@ -27,6 +33,7 @@ deletes it); manifest.json is written last, so a DIR without one is unfinished.
 from __future__ import annotations
 
 import collections
+import functools
 import importlib
 import itertools
 import os
@@ -70,6 +77,13 @@ _MAX_PIXELS = flags.DEFINE_integer("max_pixels", None,
                                    "Downscale larger images to this many pixels.")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "Encoder threads (all cores).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete and replace an existing --out.")
+_RUNNER = flags.DEFINE_string("runner", None, "Run as an Apache Beam pipeline on this runner: "
+                              "'direct' (DirectRunner, one process per core), "
+                              "DataflowRunner, FlinkRunner, ... (needs charred[beam]). "
+                              "The builder is then generated through Beam too.")
+_BEAM_OPTIONS = flags.DEFINE_string("beam_pipeline_options", None, "With --runner: Beam "
+                                    "pipeline options, 'key=value,key=value' (as tfds build "
+                                    "takes them).")
 
 _OPTIONAL_TEXT = ("language", "source")
 
@@ -90,8 +104,9 @@ def _register(builder_name: str) -> None:
 
 
 def load_builder(builder_name: str, data_dir: str | None = None,
-                 manual_dir: str | None = None):
-  """The TFDS builder `builder_name`, generated into `data_dir` if needed."""
+                 manual_dir: str | None = None, beam_options=None):
+  """The TFDS builder `builder_name`, generated into `data_dir` if needed (through Beam
+  with `beam_options`, by builders that support it)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   _register(builder_name)
   try:
@@ -102,7 +117,8 @@ def load_builder(builder_name: str, data_dir: str | None = None,
   if not builder.is_prepared():
     print(f"Generating {builder_name} into {builder.data_dir} ...", flush=True)
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir,
+                                                     beam_options=beam_options))
   return builder
 
 
@@ -146,11 +162,12 @@ def prepare_task(source: str, split: str, out: str, *,
                  filter_args: Mapping[str, Mapping[str, Any]] | None = None,
                  data_dir: str | None = None,
                  manual_dir: str | None = None, rebalance: int | None = None,
-                 max_repeat: float | None = None, **shard_options) -> dict[str, Any]:
+                 max_repeat: float | None = None, runner: str | None = None,
+                 beam_options: str | None = None, **shard_options) -> dict[str, Any]:
   """Writes web source `source`'s `split`, through its filters, as JPEG XL shards into
   `out`; returns the manifest. `filter_args`: parameters of the named filters other than
-  their defaults, by filter name (`source_tasks.parse_filter_args`). `shard_options` as
-  `prepare`.
+  their defaults, by filter name (`source_tasks.parse_filter_args`). `shard_options`,
+  `runner` and `beam_options` as `prepare`.
 
   `rebalance`: instead of each example once, write this many drawn with languages at
   mT5's distribution (`languages.register_rebalanced_mixture` over the filtered task; no
@@ -164,14 +181,23 @@ def prepare_task(source: str, split: str, out: str, *,
   # Bad names fail before slow work.
   source_tasks.check_web_task(source, filter_names, filter_args)
   _check_output(out, shard_options.get("overwrite", False))
-  builder = load_builder(source_tasks.WEB_SOURCES[source], data_dir, manual_dir)
-  counts = filters.FilterCounts()
-  task = source_tasks.web_task(source, filter_names, data_dir, counts, filter_args)
+  if runner and rebalance:
+    raise ValueError("--rebalance draws in one process; drop --runner to use it.")
+  options = _beam_options(runner, beam_options)
+  builder = load_builder(source_tasks.WEB_SOURCES[source], data_dir, manual_dir, options)
   described = dict(_describe(source_tasks.WEB_SOURCES[source], builder), task=source,
                    filters=list(filter_names),
                    filter_args={k: {p: repr(v) if not isinstance(v, (int, float, str, bool))
                                     else v for p, v in a.items()}
                                 for k, a in filter_args.items()})
+  if options is not None:
+    from charred.datasets import prepare_beam  # pylint: disable=g-import-not-at-top
+    read = functools.partial(prepare_beam.read_task_chunk, source=source,
+                             filter_names=tuple(filter_names), data_dir=data_dir,
+                             filter_args=filter_args)
+    return _write_beam(read, builder, options, out, split, described, **shard_options)
+  counts = filters.FilterCounts()
+  task = source_tasks.web_task(source, filter_names, data_dir, counts, filter_args)
   if not rebalance:
     return _write(iter_task_examples(task, split), out, split, described,
                   filtered=counts.as_dict, **shard_options)
@@ -202,6 +228,20 @@ def _describe(builder_name: str, builder) -> dict[str, Any]:
               version=str(builder.version), data_dir=str(builder.data_dir))
 
 
+def _beam_options(runner: str | None, options: str | None):
+  """Beam PipelineOptions for `--runner` (None without one; a one-line error without Beam)."""
+  if not runner:
+    if options:
+      raise ValueError("--beam_pipeline_options needs --runner.")
+    return None
+  from charred.datasets import prepare_beam  # pylint: disable=g-import-not-at-top
+  return prepare_beam.pipeline_options(runner, options)
+
+
+def _shard_split_name(split: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", split).strip("_")
+
+
 def _write(examples, out: str, split: str, source: dict[str, Any], *,
            record_format: str = "array_record", settings: jxl_shards.JxlSettings | None = None,
            examples_per_shard: int = 1000, max_pixels: int | None = None,
@@ -210,23 +250,54 @@ def _write(examples, out: str, split: str, source: dict[str, Any], *,
   return jxl_shards.write_shards(
       examples, out, settings=settings or jxl_shards.JxlSettings(),
       record_format=record_format, examples_per_shard=examples_per_shard,
-      split=re.sub(r"[^A-Za-z0-9_.-]+", "_", split).strip("_"), source=source,
+      split=_shard_split_name(split), source=source,
       max_pixels=max_pixels, num_workers=num_workers, overwrite=overwrite,
       log=lambda line: print(line, flush=True), filtered=filtered)
+
+
+def _write_beam(read, builder, options, out: str, split: str, source: dict[str, Any], *,
+                record_format: str = "array_record",
+                settings: jxl_shards.JxlSettings | None = None, examples_per_shard: int = 1000,
+                max_pixels: int | None = None, num_workers: int | None = None,
+                overwrite: bool = False) -> dict[str, Any]:
+  """`_write` as a Beam pipeline: `read(sub_split)` runs on the workers, over contiguous
+  chunks of `split`; `num_workers` is then the encoder threads per Beam worker (1)."""
+  from charred.datasets import prepare_beam  # pylint: disable=g-import-not-at-top
+  sub_splits = prepare_beam.chunk_splits(
+      split, builder.info.splits,
+      prepare_beam._CHUNKS_PER_WORKER * prepare_beam.num_workers_of(options))  # pylint: disable=protected-access
+  return prepare_beam.write_shards(
+      read, sub_splits, out, options, settings=settings or jxl_shards.JxlSettings(),
+      record_format=record_format, examples_per_shard=examples_per_shard,
+      split=_shard_split_name(split), source=source, max_pixels=max_pixels,
+      threads=num_workers or 1, overwrite=overwrite)
 
 
 def prepare(builder_name: str, split: str, out: str, *, data_dir: str | None = None,
             manual_dir: str | None = None, record_format: str = "array_record",
             settings: jxl_shards.JxlSettings | None = None,
             examples_per_shard: int = 1000, max_pixels: int | None = None,
-            num_workers: int | None = None, overwrite: bool = False) -> dict[str, Any]:
-  """Writes `builder_name`'s `split` as JPEG XL shards into `out`; returns the manifest."""
+            num_workers: int | None = None, overwrite: bool = False,
+            runner: str | None = None, beam_options: str | None = None) -> dict[str, Any]:
+  """Writes `builder_name`'s `split` as JPEG XL shards into `out`; returns the manifest.
+
+  With `runner` ('direct', 'DataflowRunner', ...; `beam_options` 'key=value,...'), the
+  builder's generation and the writing run as Beam pipelines (`prepare_beam`): the same
+  shards and manifest.
+  """
   _check_output(out, overwrite)
-  builder = load_builder(builder_name, data_dir, manual_dir)
-  return _write(iter_examples(builder, split), out, split, _describe(builder_name, builder),
-                record_format=record_format, settings=settings,
-                examples_per_shard=examples_per_shard, max_pixels=max_pixels,
-                num_workers=num_workers, overwrite=overwrite)
+  options = _beam_options(runner, beam_options)
+  builder = load_builder(builder_name, data_dir, manual_dir, options)
+  shard_options = dict(record_format=record_format, settings=settings,
+                       examples_per_shard=examples_per_shard, max_pixels=max_pixels,
+                       num_workers=num_workers, overwrite=overwrite)
+  described = _describe(builder_name, builder)
+  if options is not None:
+    from charred.datasets import prepare_beam  # pylint: disable=g-import-not-at-top
+    read = functools.partial(prepare_beam.read_builder_chunk, builder_name=builder_name,
+                             data_dir=data_dir)
+    return _write_beam(read, builder, options, out, split, described, **shard_options)
+  return _write(iter_examples(builder, split), out, split, described, **shard_options)
 
 
 def main(argv):
@@ -247,7 +318,8 @@ def main(argv):
     options = dict(data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value,
                    record_format=_FORMAT.value, settings=settings,
                    examples_per_shard=_EXAMPLES_PER_SHARD.value, max_pixels=_MAX_PIXELS.value,
-                   num_workers=_NUM_WORKERS.value, overwrite=_OVERWRITE.value)
+                   num_workers=_NUM_WORKERS.value, overwrite=_OVERWRITE.value,
+                   runner=_RUNNER.value, beam_options=_BEAM_OPTIONS.value)
     if _TASK.value:
       from charred.datasets import source_tasks  # pylint: disable=g-import-not-at-top
       manifest = prepare_task(_TASK.value, _SPLIT.value, _OUT.value,

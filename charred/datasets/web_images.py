@@ -20,7 +20,7 @@ import io
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
 from etils import epath
@@ -219,6 +219,15 @@ class SkipCounter:
             + (f" ({reasons})" if reasons else ""))
 
 
+def merge_counters(counters) -> SkipCounter:
+  """One SkipCounter summing several (Beam workers each count their own source shards)."""
+  total = SkipCounter()
+  for c in counters:
+    total.kept += c.kept
+    total.skipped.update(c.skipped)
+  return total
+
+
 def skip_report_path(data_dir: str | os.PathLike[str], split: str) -> epath.Path:
   """`<data_dir>/skipped_<split>.json`, data_dir being a builder's version dir."""
   return epath.Path(data_dir) / f"skipped_{split}.json"
@@ -252,3 +261,69 @@ def example_features(**extra):
       **{name: np.float32 for name in FLOAT_FEATURES},
       **extra,
   })
+
+
+# Generation, in one process or through Beam.
+
+# One source shard's examples, counting what it skips: `(shard, counter) -> (key, example)s`.
+# A module-level function (or a partial of one), so that Beam can pickle it.
+ShardExamples = Callable[[Any, SkipCounter], Iterator[tuple[str, dict[str, Any]]]]
+_SKIPS = "skips"
+
+
+def beam_requested(download_config) -> bool:
+  """Whether a build was given a Beam runner or pipeline options (`tfds build
+  --beam_pipeline_options=...`, `prepare --runner=...`); without, builds stay in-process."""
+  return download_config is not None and (download_config.beam_runner is not None
+                                          or download_config.beam_options is not None)
+
+
+def _beam_shard(shard: Any, shard_examples: ShardExamples):
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  counter = SkipCounter()
+  yield from shard_examples(shard, counter)
+  yield beam.pvalue.TaggedOutput(_SKIPS, counter)
+
+
+def generate_beam(shards: Sequence[Any], shard_examples: ShardExamples, data_dir: str,
+                  dataset: str, split: str):
+  """A `beam.PTransform` generating the examples of `shards` on Beam workers, one source
+  shard per element, and writing the merged skip report once all are read."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  beam = tfds.core.lazy_imports.apache_beam
+
+  @beam.ptransform_fn
+  def Generate(pipeline):  # pylint: disable=invalid-name
+    out = (pipeline | "Shards" >> beam.Create(list(shards))
+           | "Examples" >> beam.FlatMap(_beam_shard, shard_examples).with_outputs(
+               _SKIPS, main="examples"))
+    _ = (out[_SKIPS] | "MergeSkips" >> beam.CombineGlobally(merge_counters)
+         | "SkipReport" >> beam.Map(lambda c: write_skip_report(data_dir, dataset, split, c)))
+    return out.examples
+
+  return Generate()  # pylint: disable=no-value-for-parameter
+
+
+def generate_local(shards: Sequence[Any], shard_examples: ShardExamples, data_dir: str,
+                   dataset: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+  """The same examples as `generate_beam`, in this process."""
+  counter = SkipCounter()
+  for shard in shards:
+    yield from shard_examples(shard, counter)
+  write_skip_report(data_dir, dataset, split, counter)
+
+
+class BeamWhenAsked:
+  """A GeneratorBasedBuilder mixin: `generate` goes through Beam when the build was given
+  a runner or pipeline options and Beam is installed, else runs in this process (small
+  data, CI). Both paths share the builder's per-shard function, so the examples and skip
+  counts are the same."""
+
+  def _download_and_prepare(self, dl_manager, download_config=None):  # pylint: disable=arguments-differ
+    self._use_beam = beam_requested(download_config)
+    return super()._download_and_prepare(dl_manager, download_config)  # pytype: disable=attribute-error
+
+  def generate(self, split: str, shards: Sequence[Any], shard_examples: ShardExamples):
+    make = generate_beam if getattr(self, "_use_beam", False) else generate_local
+    return make(shards, shard_examples, str(self.data_dir),
+                f"{self.name}/{self.builder_config.name}", split)

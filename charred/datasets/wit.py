@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
@@ -183,7 +184,7 @@ def _size(fields: dict[str, str], column: str, path: epath.Path, row: int) -> in
     raise ValueError(f"{path}: row {row}: {column} {value!r} is not a number") from None
 
 
-class WitImages(tfds.core.GeneratorBasedBuilder):
+class WitImages(web_images.BeamWhenAsked, tfds.core.GeneratorBasedBuilder):
   """WiT image-text rows with their images from local files."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -225,44 +226,50 @@ class WitImages(tfds.core.GeneratorBasedBuilder):
             for split, paths in files.items()}
 
   def _generate_examples(self, split: str, paths: list[epath.Path], images_dir: epath.Path):
-    counter = web_images.SkipCounter()
-    for path in paths:
-      for row, fields in read_tsv(path):
-        example, reason = self._example(path, row, fields, images_dir)
-        if example is None:
-          counter.skip(reason)
-        else:
-          counter.keep()
-          yield example["key"], example
-    web_images.write_skip_report(self.data_dir, f"{self.name}/{self.builder_config.name}",
-                                 split, counter)
+    return self.generate(split, [str(p) for p in paths],
+                         functools.partial(tsv_examples, images_dir=str(images_dir),
+                                           min_side=self.builder_config.min_side))
 
-  def _example(self, path: epath.Path, row: int, fields: dict[str, str],
-               images_dir: epath.Path) -> tuple[dict | None, str | None]:
-    """The feature dict of one TSV row, or (None, skip reason)."""
-    width, height = (_size(fields, c, path, row) for c in ("original_width", "original_height"))
-    caption, caption_source, reason = wit_caption(fields)
-    if reason:
-      return None, reason
-    url, title = fields["image_url"], fields["page_title"]
-    if not url:
-      return None, web_images.IMAGE_MISSING
-    if not (web_images.is_valid_utf8(url) and web_images.is_valid_utf8(title)):
-      return None, web_images.METADATA_INVALID_UTF8
-    data, reason = web_images.read_image_file(images_dir / image_filename(url))
-    if reason:
-      return None, reason
-    image, reason = web_images.probe_image(data)
-    if reason:
-      return None, reason
-    if min(image.width, image.height) < self.builder_config.min_side:
-      return None, web_images.IMAGE_TOO_SMALL
-    nan = float("nan")
-    return dict(
-        image=image.data, caption=caption,
-        language=web_images.normalize_language(fields["language"]),
-        key=f"{path.name}:{row}", width=image.width, height=image.height, source=SOURCE,
-        similarity=nan, pwatermark=nan, punsafe=nan, aesthetic_score=nan,
-        url=url, original_width=width, original_height=height,
-        caption_source=caption_source, page_title=title,
-    ), None
+
+def tsv_examples(path: str, counter: web_images.SkipCounter, images_dir: str,
+                 min_side: int) -> Iterator[tuple[str, dict]]:
+  """Examples of one TSV file (a source shard), counting the rows skipped."""
+  path, images = epath.Path(path), epath.Path(images_dir)
+  for row, fields in read_tsv(path):
+    example, reason = _example(path, row, fields, images, min_side)
+    if example is None:
+      counter.skip(reason)
+    else:
+      counter.keep()
+      yield example["key"], example
+
+
+def _example(path: epath.Path, row: int, fields: dict[str, str], images_dir: epath.Path,
+             min_side: int) -> tuple[dict | None, str | None]:
+  """The feature dict of one TSV row, or (None, skip reason)."""
+  width, height = (_size(fields, c, path, row) for c in ("original_width", "original_height"))
+  caption, caption_source, reason = wit_caption(fields)
+  if reason:
+    return None, reason
+  url, title = fields["image_url"], fields["page_title"]
+  if not url:
+    return None, web_images.IMAGE_MISSING
+  if not (web_images.is_valid_utf8(url) and web_images.is_valid_utf8(title)):
+    return None, web_images.METADATA_INVALID_UTF8
+  data, reason = web_images.read_image_file(images_dir / image_filename(url))
+  if reason:
+    return None, reason
+  image, reason = web_images.probe_image(data)
+  if reason:
+    return None, reason
+  if min(image.width, image.height) < min_side:
+    return None, web_images.IMAGE_TOO_SMALL
+  nan = float("nan")
+  return dict(
+      image=image.data, caption=caption,
+      language=web_images.normalize_language(fields["language"]),
+      key=f"{path.name}:{row}", width=image.width, height=image.height, source=SOURCE,
+      similarity=nan, pwatermark=nan, punsafe=nan, aesthetic_score=nan,
+      url=url, original_width=width, original_height=height,
+      caption_source=caption_source, page_title=title,
+  ), None
