@@ -3,7 +3,8 @@ r"""`prepare` at scale: Beam's DirectRunner on N workers against the single-proc
   pip install 'charred[beam]'
   python benchmarks/prepare_scale.py                 # 2,000 rows timed; 2,000 and 8,000 for memory
   python benchmarks/prepare_scale.py --rows=2000 --memory_rows=2000,8000 --workers=2
-  python benchmarks/prepare_scale.py --rows=200 --memory_rows= --min_side=1024 --max_side=1280
+  python benchmarks/prepare_scale.py --rows=400 --memory_rows= --min_side=1024 --max_side=1280 \
+      --rows_per_shard=100
 
 Writes a LAION-HR download in img2dataset's layout (`web_fixtures.write_laion_hr_fixture`:
 photo-like JPEGs of 160-320 px a side by default, 500 rows a shard, ~3 % bad rows: corrupt images,
@@ -100,10 +101,12 @@ def contents(run: dict) -> dict:
   return c
 
 
-def measure(rows: int, workers: int, work: str, timed: bool, sides: tuple[int, int]) -> dict:
+def measure(rows: int, workers: int, work: str, timed: bool, sides: tuple[int, int],
+            rows_per_shard: int) -> dict:
   manual = os.path.join(work, f"manual_{rows}")
   expected = web_fixtures.write_laion_hr_fixture(manual, rows, min_side=sides[0],
-                                                 max_side=sides[1])
+                                                 max_side=sides[1],
+                                                 rows_per_shard=rows_per_shard)
   runs = {}
   runs["single"] = run_prepare(manual, work, f"single_{rows}", [])
   if timed:
@@ -146,6 +149,8 @@ def main():
   parser.add_argument("--workers", type=int, default=2, help="DirectRunner workers")
   parser.add_argument("--min_side", type=int, default=160, help="fixture image sides, px")
   parser.add_argument("--max_side", type=int, default=320)
+  parser.add_argument("--rows_per_shard", type=int, default=500,
+                      help="rows per source tar (Beam reads one tar per element)")
   args = parser.parse_args()
   import apache_beam  # pylint: disable=g-import-not-at-top
   results = {}
@@ -155,14 +160,16 @@ def main():
     for rows in sizes:
       print(f"{rows} rows:", flush=True)
       results[rows] = measure(rows, args.workers, work, timed=rows == args.rows,
-                              sides=(args.min_side, args.max_side))
+                              sides=(args.min_side, args.max_side),
+                              rows_per_shard=args.rows_per_shard)
   timed = results[args.rows]
   summary = dict(
       machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
               f"Python {platform.python_version()}, apache-beam {apache_beam.__version__}",
       load_average_before=[round(x, 2) for x in load_before],
       load_average_after=[round(x, 2) for x in os.getloadavg()],
-      workers=args.workers, sides=[args.min_side, args.max_side], ratio=timed["ratio"], ratio_vs_1_thread=timed["ratio_vs_1_thread"],
+      workers=args.workers, sides=[args.min_side, args.max_side],
+      rows_per_shard=args.rows_per_shard, ratio=timed["ratio"], ratio_vs_1_thread=timed["ratio_vs_1_thread"],
       all_identical=all(all(r["identical"].values()) for r in results.values()),
       runs=list(results.values()))
   print(f"Beam DirectRunner ({args.workers} workers) / single process, {args.rows} rows: "
