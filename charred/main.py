@@ -94,11 +94,7 @@ def make_batches(data, model, objective, train, shard_index: int, shard_count: i
                                   shard_count=shard_count)), cache.empty_context
   if data.shards:
     from charred.datasets import bucketing  # pylint: disable=g-import-not-at-top
-    longest = max(data.buckets.text_lengths)
-    if longest > model.text_length:
-      raise ValueError(f'DataConfig.buckets.text_lengths go up to {longest} tokens, more '
-                       f'than the model\'s text_length {model.text_length}.')
-
+    data.buckets.check_text_length(model.text_length)
     return (lambda: bucketing.BucketedBatches(
         data.shards, rows, data.buckets, seed=data.seed, process_index=shard_index,
         process_count=shard_count)), None

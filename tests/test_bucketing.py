@@ -258,3 +258,10 @@ def test_damaged_record_is_counted_not_fatal(shards_dir, tmp_path):
                if not np.array_equal(a["key"], b["key"])]
   assert len(differing) == 1  # the batch that held record r000
   assert "r000" in healthy[differing[0]]["key"] and "r000" not in batches[differing[0]]["key"]
+
+
+def test_text_lengths_longer_than_the_model_are_refused():
+  bucketing.BucketConfig(text_lengths=(32, 64)).check_text_length(64)
+  with pytest.raises(ValueError, match='go up to 64 tokens, more than the model.s '
+                                       'text_length 48'):
+    bucketing.BucketConfig(text_lengths=(32, 64)).check_text_length(48)

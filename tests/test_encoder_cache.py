@@ -46,8 +46,9 @@ def raw_examples():
                caption=c.encode(), key=f'ex{i}') for i, c in enumerate(CAPTIONS)]
 
 
-@pytest.fixture(scope='module')
-def setup(tmp_path_factory):
+def frozen_encoder_setup():
+  """The latent model with a frozen text encoder (what a cache serves), its codec, a
+  batch-4 TrainConfig, optimizer and random state, as a dict."""
   model_config = latent_model()
   codec = make_codec(False, VAE_DIR)
   config = trainer.TrainConfig(train_steps=1, batch_size=4)
@@ -55,12 +56,18 @@ def setup(tmp_path_factory):
                                                        train_text_encoder=False), codec)
   tx = trainer.make_tx(config, model.frozen)
   state = step_fixtures.random_state(model, config, tx)
-  out = str(tmp_path_factory.mktemp('cache') / 'train')
-  manifest = encoder_cache.write_cache(raw_examples(), out, model_config,
-                                       state.params['text_encoder'], codec,
-                                       examples_per_shard=3, batch_size=4)
   return dict(model_config=model_config, model=model, codec=codec, config=config, tx=tx,
-              state=state, out=out, manifest=manifest)
+              state=state)
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  parts = frozen_encoder_setup()
+  out = str(tmp_path_factory.mktemp('cache') / 'train')
+  manifest = encoder_cache.write_cache(raw_examples(), out, parts['model_config'],
+                                       parts['state'].params['text_encoder'], parts['codec'],
+                                       examples_per_shard=3, batch_size=4)
+  return dict(parts, out=out, manifest=manifest)
 
 
 def test_records_hold_the_encoders_outputs(setup):

@@ -14,11 +14,9 @@ import pytest
 import photo_fixtures
 import step_fixtures
 from charred.datasets import bucketing, encoder_cache, jxl_shards
-from charred.models.diffusion_model import DiffusionModel, ObjectiveConfig
 from charred.models.image_codec import PixelCodec
-from charred.models.pretrained import make_codec
 from charred.trainers import trainer
-from test_encoder_cache import VAE_DIR, latent_model
+from test_encoder_cache import frozen_encoder_setup
 
 # Sizes (w, h) (8, 32), (8, 24), (16, 16), (24, 8), (32, 8), all even (the fixture VAE
 # halves them); captions of up to 7 bytes go to text length 8, longer ones to 16 (the
@@ -47,19 +45,12 @@ def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp('bucketed_cache')
   shards = str(root / 'shards')
   _write_shards(shards)
-  model_config = latent_model()
-  codec = make_codec(False, VAE_DIR)
-  config = trainer.TrainConfig(train_steps=1, batch_size=4)
-  model = DiffusionModel(model_config, ObjectiveConfig(caption_dropout=0.5,
-                                                       train_text_encoder=False), codec)
-  tx = trainer.make_tx(config, model.frozen)
-  state = step_fixtures.random_state(model, config, tx)
+  parts = frozen_encoder_setup()
   cache = str(root / 'cache')
   manifest = encoder_cache.write_bucketed_cache(
-      shards, cache, model_config, state.params['text_encoder'], codec, buckets=BUCKETS,
-      examples_per_shard=7, batch_size=4, num_threads=2)
-  return dict(shards=shards, cache=cache, manifest=manifest, model_config=model_config,
-              codec=codec, config=config, model=model, tx=tx, state=state, root=root)
+      shards, cache, parts['model_config'], parts['state'].params['text_encoder'],
+      parts['codec'], buckets=BUCKETS, examples_per_shard=7, batch_size=4, num_threads=2)
+  return dict(parts, shards=shards, cache=cache, manifest=manifest, root=root)
 
 
 def test_every_record_is_cached_once_in_the_readers_bucket(setup):

@@ -127,6 +127,13 @@ class BucketConfig:
   def sizes(self) -> list[tuple[int, int]]:
     return aspect_buckets(self.base_resolution, self.step, self.min_side, self.max_side)
 
+  def check_text_length(self, model_text_length: int) -> None:
+    """Refuses text lengths a model of `model_text_length` tokens cannot read."""
+    longest = max(self.text_lengths)
+    if longest > model_text_length:
+      raise ValueError(f'DataConfig.buckets.text_lengths go up to {longest} tokens, more '
+                       f'than the model\'s text_length {model_text_length}.')
+
 
 class FeistelPermutation:
   """A seeded bijection of [0, n), evaluated pointwise in O(1) memory.

@@ -547,10 +547,7 @@ def write_bucketed_cache(shards_dir: str, out_dir: str, model_config: TextToImag
   if examples_per_shard < 1 or batch_size < 1:
     raise ValueError(f'examples_per_shard ({examples_per_shard}) and batch_size '
                      f'({batch_size}) must be >= 1.')
-  longest = max(buckets.text_lengths)
-  if longest > model_config.text_length:
-    raise ValueError(f'buckets.text_lengths go up to {longest} tokens, more than the '
-                     f'model\'s text_length {model_config.text_length}.')
+  buckets.check_text_length(model_config.text_length)
   factor = codec.downsample_factor
   uneven = [s for s in buckets.sizes() if s[0] % factor or s[1] % factor]
   if uneven:
@@ -770,10 +767,7 @@ class BucketedEncoderCache:
       what = 'bucket sizes' if got[0] != want[0] else 'text lengths'
       raise ValueError(f'{self.cache_dir} was written for other buckets ({what} differ from '
                        f'DataConfig.buckets): rewrite it with {rewrite}.')
-    longest = max(buckets.text_lengths)
-    if longest > model_config.text_length:
-      raise ValueError(f'DataConfig.buckets.text_lengths go up to {longest} tokens, more '
-                       f'than the model\'s text_length {model_config.text_length}.')
+    buckets.check_text_length(model_config.text_length)
 
   def close(self) -> None:
     if self._source is not None:
