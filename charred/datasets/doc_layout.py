@@ -544,8 +544,7 @@ class DocLayout(web_images.BeamWhenAsked, tfds.core.GeneratorBasedBuilder):
     example = functools.partial(page_example, config=self.builder_config,
                                 images_dir=str(images_dir),
                                 text_dir=str(text_dir) if text_dir else None)
-    return self.generate(split, web_images.chunked(pages), functools.partial(
-        web_images.record_examples, example=example), skipped)
+    return self.generate_records(split, pages, example, skipped)
 
 
 def page_example(key: str, record: tuple[Page, list[Region]], config: DocLayoutConfig,

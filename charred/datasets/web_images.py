@@ -358,3 +358,10 @@ class BeamWhenAsked:
     make = generate_beam if getattr(self, "_use_beam", False) else generate_local
     return make(shards, shard_examples, str(self.data_dir),
                 f"{self.name}/{self.builder_config.name}", split, skipped)
+
+  def generate_records(self, split: str, records: Sequence[tuple[str, Any]],
+                       example: RecordExample, skipped: SkipCounter | None = None):
+    """`generate` over the (key, record) pairs the driver parsed from an annotation file,
+    in chunks: `example` (picklable) makes each record's example where the chunk runs."""
+    return self.generate(split, chunked(records),
+                         functools.partial(record_examples, example=example), skipped)
