@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import pickle
 from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
@@ -302,10 +303,10 @@ def beam_requested(download_config) -> bool:
                                           or download_config.beam_options is not None)
 
 
-def _beam_shard(shard: Any, shard_examples: ShardExamples):
+def _beam_shard(pickled: bytes, shard_examples: ShardExamples):
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   counter = SkipCounter()
-  yield from shard_examples(shard, counter)
+  yield from shard_examples(pickle.loads(pickled), counter)
   yield beam.pvalue.TaggedOutput(_SKIPS, counter)
 
 
@@ -320,7 +321,9 @@ def generate_beam(shards: Sequence[Any], shard_examples: ShardExamples, data_dir
 
   @beam.ptransform_fn
   def Generate(pipeline):  # pylint: disable=invalid-name
-    out = (pipeline | "Shards" >> beam.Create(list(shards))
+    # Shards travel pickled: Beam's coder encodes str as strict UTF-8, and parsed records
+    # keep invalid UTF-8 as lone surrogates, to be skipped by reason where they are read.
+    out = (pipeline | "Shards" >> beam.Create([pickle.dumps(s) for s in shards])
            | "Examples" >> beam.FlatMap(_beam_shard, shard_examples).with_outputs(
                _SKIPS, main="examples"))
     _ = (out[_SKIPS] | "MergeSkips" >> beam.CombineGlobally(merge_counters)
