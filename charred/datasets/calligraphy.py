@@ -517,14 +517,9 @@ def label_example(file: str, label: dict[str, str], folder: str,
                   min_side: int) -> tuple[dict | None, str | None]:
   """The feature dict of the image `file` (under `folder`) with its parsed `label`, or
   (None, skip reason)."""
-  data, reason = web_images.read_image_file(epath.Path(folder) / file)
+  image, reason = web_images.load_image(epath.Path(folder) / file, min_side)
   if reason:
     return None, reason
-  image, reason = web_images.probe_image(data)
-  if reason:
-    return None, reason
-  if min(image.width, image.height) < min_side:
-    return None, web_images.IMAGE_TOO_SMALL
   nan = float("nan")
   return dict(
       image=image.data,

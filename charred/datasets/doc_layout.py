@@ -558,10 +558,7 @@ def page_example(key: str, record: tuple[Page, list[Region]], config: DocLayoutC
   if regions is None:
     return None, BBOX_OUTSIDE_IMAGE
   regions = reading_order(regions)
-  data, reason = web_images.read_image_file(epath.Path(images_dir) / page.file_name)
-  if reason:
-    return None, reason
-  image, reason = web_images.probe_image(data)
+  image, reason = web_images.load_image(epath.Path(images_dir) / page.file_name)
   if reason:
     return None, reason
   if (image.width, image.height) != (page.width, page.height):

@@ -381,14 +381,9 @@ def photo_example(key: str, record: tuple[str, str, list[tuple[Word, bool]]],
     return None, ANNOTATION_INVALID_UTF8
   if not legible:
     return None, NO_LEGIBLE_TEXT
-  data, reason = web_images.read_image_file(image_path)
+  image, reason = web_images.load_image(image_path, config.min_side)
   if reason:
     return None, reason
-  image, reason = web_images.probe_image(data)
-  if reason:
-    return None, reason
-  if min(image.width, image.height) < config.min_side:
-    return None, web_images.IMAGE_TOO_SMALL
   # Every box is checked, illegible ones too: any one outside betrays a wrong image.
   if clip_boxes([w for w, _ in words], image.width, image.height,
                 config.box_tolerance) is None:

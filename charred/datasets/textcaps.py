@@ -231,14 +231,9 @@ def caption_example(key: str, record: tuple[Any, str, list[scene_text.Word]],
     return None, web_images.METADATA_INVALID_UTF8
   if any(not web_images.is_valid_utf8(w.text) for w in words):
     return None, scene_text.ANNOTATION_INVALID_UTF8
-  data, reason = web_images.read_image_file(epath.Path(images_dir) / f"{image_id}.jpg")
+  image, reason = web_images.load_image(epath.Path(images_dir) / f"{image_id}.jpg", config.min_side)
   if reason:
     return None, reason
-  image, reason = web_images.probe_image(data)
-  if reason:
-    return None, reason
-  if min(image.width, image.height) < config.min_side:
-    return None, web_images.IMAGE_TOO_SMALL
   if scene_text.clip_boxes(words, 1, 1, config.box_tolerance) is None:
     return None, scene_text.BBOX_OUTSIDE_IMAGE
   phrases: list[scene_text.Word] = []

@@ -129,6 +129,20 @@ def read_image_file(path: str | os.PathLike[str]) -> tuple[bytes | None, str | N
     return None, IMAGE_MISSING
 
 
+def load_image(path: str | os.PathLike[str], min_side: int = 0
+               ) -> tuple[ProbedImage | None, str | None]:
+  """A local image file, probed, with each side at least `min_side`; or (None, reason)."""
+  data, reason = read_image_file(path)
+  if reason:
+    return None, reason
+  image, reason = probe_image(data)
+  if reason:
+    return None, reason
+  if min(image.width, image.height) < min_side:
+    return None, IMAGE_TOO_SMALL
+  return image, None
+
+
 def decode_caption(raw: bytes | str | None) -> tuple[str | None, str | None]:
   """A caption from raw bytes (or a str read with errors='surrogateescape').
 
