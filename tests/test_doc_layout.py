@@ -234,7 +234,11 @@ def _small_doclaynet_page(n, kind, title):
 
 @pytest.fixture(scope="module")
 def manual_dirs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("doc_layout")
+  return write_manual_dirs(tmp_path_factory.mktemp("doc_layout"))
+
+
+def write_manual_dirs(root):
+  """The PubLayNet, DocLayNet and DocLayNet-core fixtures under `root` (a pathlib.Path)."""
   publaynet, doclaynet = str(root / "publaynet"), str(root / "doclaynet")
   pub, doc = publaynet_cases(), doclaynet_cases()
   write_publaynet(publaynet, "train", [p for p, _ in pub.values()],

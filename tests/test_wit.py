@@ -54,7 +54,11 @@ def _cases():
 
 @pytest.fixture(scope="module")
 def manual_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("wit"))
+  return write_wit(str(tmp_path_factory.mktemp("wit")))
+
+
+def write_wit(d):
+  """The WiT fixture in `d`: a gzipped train TSV and a validation TSV with their images."""
   cases = _cases()
   rows = []
   for n, (fields, image, _) in enumerate(cases.values()):

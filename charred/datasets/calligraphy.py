@@ -426,8 +426,9 @@ SYNTHETIC_MICRO = CalligraphyConfig(name="synthetic_micro", description="For smo
                                     synthetic=SyntheticConfig(num_examples=32))
 
 
-class Calligraphy(tfds.core.GeneratorBasedBuilder):
-  """Calligraphy images captioned with their text, script and style."""
+class Calligraphy(web_images.BeamWhenAsked, tfds.core.GeneratorBasedBuilder):
+  """Calligraphy images captioned with their text, script and style (through Beam when a
+  build is given a runner; see `web_images.BeamWhenAsked`)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -469,56 +470,62 @@ class Calligraphy(tfds.core.GeneratorBasedBuilder):
     return {"train": self._generate_examples(folder)}
 
   def _generate_examples(self, folder: epath.Path):
-    path, rows = read_labels(folder)
-    counter = web_images.SkipCounter()
-    seen: set[str] = set()
+    # The labels are read and checked here, in the driver (the first row of a file
+    # wins); workers decode the images.
+    _, rows = read_labels(folder)
+    skipped = web_images.SkipCounter()
+    labels: dict[str, dict[str, str]] = {}
     for _, fields in rows:
-      example, reason = self._example(folder, fields, seen)
-      if example is None:
-        counter.skip(reason)
+      label, reason = parse_label(fields)
+      if label is None:
+        skipped.skip(reason)
+      elif label[0] in labels:
+        skipped.skip(DUPLICATE_FILE)
       else:
-        counter.keep()
-        yield example["key"], example
-    web_images.write_skip_report(self.data_dir, f"{self.name}/{self.builder_config.name}",
-                                 "train", counter)
+        labels[label[0]] = label[1]
+    example = functools.partial(label_example, folder=str(folder),
+                                min_side=self.builder_config.min_side)
+    return self.generate_records("train", list(labels.items()), example, skipped)
 
-  def _example(self, folder: epath.Path, fields: dict[str, str],
-               seen: set[str]) -> tuple[dict | None, str | None]:
-    """The feature dict of one labels row, or (None, skip reason)."""
-    if not fields["text"]:
-      return None, TEXT_EMPTY
-    if not web_images.is_valid_utf8(fields["text"]):
-      return None, TEXT_INVALID_UTF8
-    text = fields["text"]
-    meta = {k: fields.get(k, "").strip() for k in ("file", "script", "style", "kind",
-                                                     "language")}
-    if not all(web_images.is_valid_utf8(v) for v in meta.values()):
-      return None, web_images.METADATA_INVALID_UTF8
-    kind = meta["kind"].lower() or (CHARACTER if len(text) == 1 else WORD)
-    if kind not in KINDS:
-      return None, KIND_UNKNOWN
-    if not meta["file"]:
-      return None, web_images.IMAGE_MISSING
-    file = _relative_file(meta["file"])
-    if file is None:
-      return None, FILE_OUTSIDE_FOLDER
-    if file in seen:
-      return None, DUPLICATE_FILE
-    seen.add(file)
-    data, reason = web_images.read_image_file(folder / file)
-    if reason:
-      return None, reason
-    image, reason = web_images.probe_image(data)
-    if reason:
-      return None, reason
-    if min(image.width, image.height) < self.builder_config.min_side:
-      return None, web_images.IMAGE_TOO_SMALL
-    nan = float("nan")
-    return dict(
-        image=image.data, caption=caption(kind, text, meta["script"], meta["style"]),
-        language=web_images.normalize_language(meta["language"]), key=file,
-        width=image.width, height=image.height, source=SOURCE,
-        similarity=nan, pwatermark=nan, punsafe=nan, aesthetic_score=nan,
-        text=text, script=meta["script"], style=meta["style"], kind=kind,
-    ), None
 
+def parse_label(fields: dict[str, str]
+                ) -> tuple[tuple[str, dict[str, str]] | None, str | None]:
+  """(file, {text, kind, script, style, language}) of one labels row, its file
+  normalised, or (None, skip reason)."""
+  if not fields["text"]:
+    return None, TEXT_EMPTY
+  if not web_images.is_valid_utf8(fields["text"]):
+    return None, TEXT_INVALID_UTF8
+  text = fields["text"]
+  meta = {k: fields.get(k, "").strip() for k in ("file", "script", "style", "kind",
+                                                   "language")}
+  if not all(web_images.is_valid_utf8(v) for v in meta.values()):
+    return None, web_images.METADATA_INVALID_UTF8
+  kind = meta["kind"].lower() or (CHARACTER if len(text) == 1 else WORD)
+  if kind not in KINDS:
+    return None, KIND_UNKNOWN
+  if not meta["file"]:
+    return None, web_images.IMAGE_MISSING
+  file = _relative_file(meta["file"])
+  if file is None:
+    return None, FILE_OUTSIDE_FOLDER
+  return (file, dict(text=text, kind=kind, script=meta["script"], style=meta["style"],
+                     language=meta["language"])), None
+
+
+def label_example(file: str, label: dict[str, str], folder: str,
+                  min_side: int) -> tuple[dict | None, str | None]:
+  """The feature dict of the image `file` (under `folder`) with its parsed `label`, or
+  (None, skip reason)."""
+  image, reason = web_images.load_image(epath.Path(folder) / file, min_side)
+  if reason:
+    return None, reason
+  nan = float("nan")
+  return dict(
+      image=image.data,
+      caption=caption(label["kind"], label["text"], label["script"], label["style"]),
+      language=web_images.normalize_language(label["language"]), key=file,
+      width=image.width, height=image.height, source=SOURCE,
+      similarity=nan, pwatermark=nan, punsafe=nan, aesthetic_score=nan,
+      text=label["text"], script=label["script"], style=label["style"], kind=label["kind"],
+  ), None

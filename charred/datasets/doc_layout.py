@@ -53,6 +53,7 @@ of memory).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -479,8 +480,9 @@ def layout_caption(layout: LayoutFormat, regions: Sequence[Region], texts: Seque
   return f"A {page} of {kind} with {_and(parts)}."
 
 
-class DocLayout(tfds.core.GeneratorBasedBuilder):
-  """PubLayNet or DocLayNet pages from local files, captioned with their layout."""
+class DocLayout(web_images.BeamWhenAsked, tfds.core.GeneratorBasedBuilder):
+  """PubLayNet or DocLayNet pages from local files, captioned with their layout (through
+  Beam when a build is given a runner; see `web_images.BeamWhenAsked`)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -529,62 +531,56 @@ class DocLayout(tfds.core.GeneratorBasedBuilder):
             for split, path in files.items()}
 
   def _generate_examples(self, split: str, path: epath.Path, manual_dir: epath.Path):
+    # The COCO file is parsed here, in the driver; workers decode the pages' images.
     coco = read_coco(path, self.layout)
     images_dir = manual_dir / (self.layout.images_dir or path.name[:-len(path.suffix)])
     text_dir = manual_dir / self.layout.text_dir if self.layout.text_dir else None
     if text_dir is not None and not text_dir.is_dir():
       text_dir = None  # DocLayNet core without its extras: layout-only captions.
-    counter = web_images.SkipCounter()
-    counter.skip(ANNOTATION_UNKNOWN_IMAGE, coco.unknown_image)
-    for page in coco.pages:
-      example, reason = self._example(path, page, coco.regions[page.image_id], images_dir,
-                                      text_dir)
-      if example is None:
-        counter.skip(reason)
-      else:
-        counter.keep()
-        yield example["key"], example
-    web_images.write_skip_report(self.data_dir, f"{self.name}/{self.builder_config.name}",
-                                 split, counter)
+    skipped = web_images.SkipCounter()
+    skipped.skip(ANNOTATION_UNKNOWN_IMAGE, coco.unknown_image)
+    pages = [(f"{path.name}:{page.image_id}", (page, coco.regions[page.image_id]))
+             for page in coco.pages]
+    example = functools.partial(page_example, config=self.builder_config,
+                                images_dir=str(images_dir),
+                                text_dir=str(text_dir) if text_dir else None)
+    return self.generate_records(split, pages, example, skipped)
 
-  def _example(self, path: epath.Path, page: Page, regions: list[Region],
-               images_dir: epath.Path, text_dir: epath.Path | None
-               ) -> tuple[dict | None, str | None]:
-    """The feature dict of one page, or (None, skip reason)."""
-    config = self.builder_config
-    if not regions:
-      return None, NO_ANNOTATIONS
-    regions = fit_boxes(regions, page.width, page.height, config.bbox_tolerance)
-    if regions is None:
-      return None, BBOX_OUTSIDE_IMAGE
-    regions = reading_order(regions)
-    data, reason = web_images.read_image_file(images_dir / page.file_name)
+
+def page_example(key: str, record: tuple[Page, list[Region]], config: DocLayoutConfig,
+                 images_dir: str, text_dir: str | None) -> tuple[dict | None, str | None]:
+  """The feature dict of one page (`record`: its row and regions), or (None, skip reason)."""
+  page, regions = record
+  layout = FORMATS[config.layout_format]
+  if not regions:
+    return None, NO_ANNOTATIONS
+  regions = fit_boxes(regions, page.width, page.height, config.bbox_tolerance)
+  if regions is None:
+    return None, BBOX_OUTSIDE_IMAGE
+  regions = reading_order(regions)
+  image, reason = web_images.load_image(epath.Path(images_dir) / page.file_name)
+  if reason:
+    return None, reason
+  if (image.width, image.height) != (page.width, page.height):
+    return None, IMAGE_SIZE_MISMATCH
+  texts = [""] * len(regions)
+  if text_dir is not None:
+    stem = page.file_name.rsplit(".", 1)[0]
+    cells, reason = read_cells(epath.Path(text_dir) / f"{stem}.json", page.width, page.height)
     if reason:
       return None, reason
-    image, reason = web_images.probe_image(data)
-    if reason:
-      return None, reason
-    if (image.width, image.height) != (page.width, page.height):
-      return None, IMAGE_SIZE_MISMATCH
-    texts = [""] * len(regions)
-    if text_dir is not None:
-      stem = page.file_name.rsplit(".", 1)[0]
-      cells, reason = read_cells(text_dir / f"{stem}.json", page.width, page.height)
-      if reason:
-        return None, reason
-      texts = region_texts(regions, cells)
-    doc_category = page.doc_category or (
-        _PUBLAYNET_KIND if self.layout.source == PUBLAYNET else "")
-    caption = layout_caption(self.layout, regions, texts, page.width, page.height,
-                             doc_category, config)
-    nan = float("nan")
-    return dict(
-        image=image.data, caption=caption, language=self.layout.language,
-        key=f"{path.name}:{page.image_id}", width=image.width, height=image.height,
-        source=self.layout.source, similarity=nan, pwatermark=nan, punsafe=nan,
-        aesthetic_score=nan,
-        regions=dict(category=[r.category.name for r in regions],
-                     bbox=np.array([r.box for r in regions], np.float32).reshape(-1, 4),
-                     text=texts),
-        doc_category=doc_category, image_id=page.image_id, file_name=page.file_name,
-    ), None
+    texts = region_texts(regions, cells)
+  doc_category = page.doc_category or (_PUBLAYNET_KIND if layout.source == PUBLAYNET else "")
+  caption = layout_caption(layout, regions, texts, page.width, page.height, doc_category,
+                           config)
+  nan = float("nan")
+  return dict(
+      image=image.data, caption=caption, language=layout.language,
+      key=key, width=image.width, height=image.height,
+      source=layout.source, similarity=nan, pwatermark=nan, punsafe=nan,
+      aesthetic_score=nan,
+      regions=dict(category=[r.category.name for r in regions],
+                   bbox=np.array([r.box for r in regions], np.float32).reshape(-1, 4),
+                   text=texts),
+      doc_category=doc_category, image_id=page.image_id, file_name=page.file_name,
+  ), None

@@ -48,6 +48,7 @@ and row (ICDAR lines count from 1, JSON rows from 0 or by id).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -301,8 +302,9 @@ def _icdar_records(manual_dir: epath.Path, entries: dict[str, dict[str, epath.Pa
 # The builder.
 
 
-class SceneText(tfds.core.GeneratorBasedBuilder):
-  """Scene-text photos with captions quoting their annotated words."""
+class SceneText(web_images.BeamWhenAsked, tfds.core.GeneratorBasedBuilder):
+  """Scene-text photos with captions quoting their annotated words (through Beam when a
+  build is given a runner; see `web_images.BeamWhenAsked`)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -356,49 +358,46 @@ class SceneText(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str, records: Iterable[tuple[str, Any]]):
     """Examples of (key, record) pairs, a record being (image path, lead, [(word,
-    legible)]) or a skip reason."""
-    counter = web_images.SkipCounter()
+    legible)]) or a skip reason (counted here, in the driver)."""
+    skipped = web_images.SkipCounter()
+    photos = []
     for key, record in records:
-      example, reason = (None, record) if isinstance(record, str) else self._example(
-          key, *record)
-      if example is None:
-        counter.skip(reason)
+      if isinstance(record, str):
+        skipped.skip(record)
       else:
-        counter.keep()
-        yield key, example
-    web_images.write_skip_report(self.data_dir, f"{self.name}/{self.builder_config.name}",
-                                 split, counter)
+        image_path, lead, words = record
+        photos.append((key, (str(image_path), lead, words)))
+    return self.generate_records(
+        split, photos, functools.partial(photo_example, config=self.builder_config), skipped)
 
-  def _example(self, key: str, image_path: epath.Path, lead: str,
-               words: list[tuple[Word, bool]]) -> tuple[dict | None, str | None]:
-    """The feature dict of one image, or (None, skip reason)."""
-    legible = [w for w, ok in words if ok]
-    if any(not web_images.is_valid_utf8(w.text) for w in legible):
-      return None, ANNOTATION_INVALID_UTF8
-    if not legible:
-      return None, NO_LEGIBLE_TEXT
-    data, reason = web_images.read_image_file(image_path)
-    if reason:
-      return None, reason
-    image, reason = web_images.probe_image(data)
-    if reason:
-      return None, reason
-    if min(image.width, image.height) < self.builder_config.min_side:
-      return None, web_images.IMAGE_TOO_SMALL
-    # Every box is checked, illegible ones too: any one outside betrays a wrong image.
-    if clip_boxes([w for w, _ in words], image.width, image.height,
-                  self.builder_config.box_tolerance) is None:
-      return None, BBOX_OUTSIDE_IMAGE
-    phrases = reading_order_phrases(
-        clip_boxes(legible, image.width, image.height, self.builder_config.box_tolerance))
-    nan = float("nan")
-    return dict(
-        image=image.data, caption=text_caption([p.text for p in phrases], lead),
-        language=CAPTION_LANGUAGE, key=key, width=image.width, height=image.height,
-        source=self.builder_config.name,
-        similarity=nan, pwatermark=nan, punsafe=nan, aesthetic_score=nan,
-        **word_features(phrases),
-    ), None
+
+def photo_example(key: str, record: tuple[str, str, list[tuple[Word, bool]]],
+                  config: SceneTextConfig) -> tuple[dict | None, str | None]:
+  """The feature dict of one image (`record`: its path, caption lead and words), or
+  (None, skip reason)."""
+  image_path, lead, words = record
+  legible = [w for w, ok in words if ok]
+  if any(not web_images.is_valid_utf8(w.text) for w in legible):
+    return None, ANNOTATION_INVALID_UTF8
+  if not legible:
+    return None, NO_LEGIBLE_TEXT
+  image, reason = web_images.load_image(image_path, config.min_side)
+  if reason:
+    return None, reason
+  # Every box is checked, illegible ones too: any one outside betrays a wrong image.
+  if clip_boxes([w for w, _ in words], image.width, image.height,
+                config.box_tolerance) is None:
+    return None, BBOX_OUTSIDE_IMAGE
+  phrases = reading_order_phrases(
+      clip_boxes(legible, image.width, image.height, config.box_tolerance))
+  nan = float("nan")
+  return dict(
+      image=image.data, caption=text_caption([p.text for p in phrases], lead),
+      language=CAPTION_LANGUAGE, key=key, width=image.width, height=image.height,
+      source=config.name,
+      similarity=nan, pwatermark=nan, punsafe=nan, aesthetic_score=nan,
+      **word_features(phrases),
+  ), None
 
 
 # COCO-Text v2.

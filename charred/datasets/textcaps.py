@@ -36,6 +36,7 @@ ValueError naming the file and row (rows count from 0).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -163,8 +164,9 @@ def _phrase_boxes(phrases: list[str], words: list[scene_text.Word]
   return out
 
 
-class TextCaps(tfds.core.GeneratorBasedBuilder):
-  """TextCaps captions with local images and TextVQA's OCR."""
+class TextCaps(web_images.BeamWhenAsked, tfds.core.GeneratorBasedBuilder):
+  """TextCaps captions with local images and TextVQA's OCR (through Beam when a build is
+  given a runner; see `web_images.BeamWhenAsked`)."""
 
   name = "textcaps"  # Not TFDS's default snake case of the class name, 'text_caps'.
   VERSION = tfds.core.Version("1.0.0")
@@ -198,63 +200,54 @@ class TextCaps(tfds.core.GeneratorBasedBuilder):
             for split, path in splits.items()}
 
   def _generate_examples(self, split: str, path: epath.Path, manual_dir: epath.Path):
+    # The JSON files are parsed here, in the driver; workers decode the images.
     ocr_path = manual_dir / OCR_FILES[split]
     ocr = read_ocr(ocr_path) if ocr_path.exists() else {}
-    counter = web_images.SkipCounter()
-    seen: set[str] = set()
+    skipped = web_images.SkipCounter()
+    captions: dict[str, tuple[Any, str, list[scene_text.Word]]] = {}
     for row, item in enumerate(_data_rows(path)):
       if not isinstance(item, dict) or any(k not in item for k in _REQUIRED):
         raise ValueError(f"{path}: row {row}: lacks {', '.join(_REQUIRED)} (TextCaps rows "
                          "with captions)")
-      key = str(item["caption_id"])
-      if key in seen:
-        counter.skip(DUPLICATE_KEY)
+      key, image_id = str(item["caption_id"]), str(item["image_id"])
+      if key in captions:
+        skipped.skip(DUPLICATE_KEY)
         continue
-      seen.add(key)
-      example, reason = self._example(key, item, ocr, manual_dir / IMAGES_DIR)
-      if example is None:
-        counter.skip(reason)
-      else:
-        counter.keep()
-        yield key, example
-    web_images.write_skip_report(self.data_dir, f"{self.name}/{self.builder_config.name}",
-                                 split, counter)
+      captions[key] = (item["caption_str"], image_id, ocr.get(image_id, []))
+    example = functools.partial(caption_example, config=self.builder_config,
+                                images_dir=str(manual_dir / IMAGES_DIR))
+    return self.generate_records(split, list(captions.items()), example, skipped)
 
-  def _example(self, key: str, item: dict[str, Any], ocr: dict[str, list[scene_text.Word]],
-               images_dir: epath.Path) -> tuple[dict | None, str | None]:
-    """The feature dict of one caption row, or (None, skip reason)."""
-    config = self.builder_config
-    caption, reason = web_images.decode_caption(item["caption_str"])
-    if reason:
-      return None, reason
-    image_id = str(item["image_id"])
-    if not web_images.is_valid_utf8(image_id):
-      return None, web_images.METADATA_INVALID_UTF8
-    words = ocr.get(image_id, [])
-    if any(not web_images.is_valid_utf8(w.text) for w in words):
-      return None, scene_text.ANNOTATION_INVALID_UTF8
-    data, reason = web_images.read_image_file(images_dir / f"{image_id}.jpg")
-    if reason:
-      return None, reason
-    image, reason = web_images.probe_image(data)
-    if reason:
-      return None, reason
-    if min(image.width, image.height) < config.min_side:
-      return None, web_images.IMAGE_TOO_SMALL
-    if scene_text.clip_boxes(words, 1, 1, config.box_tolerance) is None:
-      return None, scene_text.BBOX_OUTSIDE_IMAGE
-    phrases: list[scene_text.Word] = []
-    if config.quote_ocr and words and '"' not in caption:
-      pixels = [scene_text.Word(w.text, (x0 * image.width, y0 * image.height,
-                                         x1 * image.width, y1 * image.height))
-                for w in scene_text.clip_boxes(words, 1, 1, config.box_tolerance)
-                for x0, y0, x1, y1 in [w.box]]
-      caption, quoted = quote_ocr_words(caption, {_core_text(w.text) for w in pixels})
-      phrases = _phrase_boxes(quoted, pixels)
-    nan = float("nan")
-    return dict(
-        image=image.data, caption=caption, language="en", key=key,
-        width=image.width, height=image.height, source=SOURCE,
-        similarity=nan, pwatermark=nan, punsafe=nan, aesthetic_score=nan,
-        image_id=image_id, **scene_text.word_features(phrases),
-    ), None
+
+def caption_example(key: str, record: tuple[Any, str, list[scene_text.Word]],
+                    config: TextCapsConfig, images_dir: str) -> tuple[dict | None, str | None]:
+  """The feature dict of one caption row (`record`: its caption_str, image_id and the
+  image's OCR words), or (None, skip reason)."""
+  caption_str, image_id, words = record
+  caption, reason = web_images.decode_caption(caption_str)
+  if reason:
+    return None, reason
+  if not web_images.is_valid_utf8(image_id):
+    return None, web_images.METADATA_INVALID_UTF8
+  if any(not web_images.is_valid_utf8(w.text) for w in words):
+    return None, scene_text.ANNOTATION_INVALID_UTF8
+  image, reason = web_images.load_image(epath.Path(images_dir) / f"{image_id}.jpg", config.min_side)
+  if reason:
+    return None, reason
+  if scene_text.clip_boxes(words, 1, 1, config.box_tolerance) is None:
+    return None, scene_text.BBOX_OUTSIDE_IMAGE
+  phrases: list[scene_text.Word] = []
+  if config.quote_ocr and words and '"' not in caption:
+    pixels = [scene_text.Word(w.text, (x0 * image.width, y0 * image.height,
+                                       x1 * image.width, y1 * image.height))
+              for w in scene_text.clip_boxes(words, 1, 1, config.box_tolerance)
+              for x0, y0, x1, y1 in [w.box]]
+    caption, quoted = quote_ocr_words(caption, {_core_text(w.text) for w in pixels})
+    phrases = _phrase_boxes(quoted, pixels)
+  nan = float("nan")
+  return dict(
+      image=image.data, caption=caption, language="en", key=key,
+      width=image.width, height=image.height, source=SOURCE,
+      similarity=nan, pwatermark=nan, punsafe=nan, aesthetic_score=nan,
+      image_id=image_id, **scene_text.word_features(phrases),
+  ), None

@@ -1,4 +1,5 @@
-"""Shared pieces of the web image-text builders (`laion_hr`, `wit_images`).
+"""Shared pieces of the image-text builders (`laion_hr`, `wit_images`, `doc_layout`,
+`scene_text`, `textcaps`, `calligraphy`).
 
 Bad input never crashes a build: images and captions are probed here and come
 back as `(value, None)` or `(None, reason)`, and the builders count every
@@ -20,6 +21,7 @@ import io
 import json
 import math
 import os
+import pickle
 from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
@@ -125,6 +127,20 @@ def read_image_file(path: str | os.PathLike[str]) -> tuple[bytes | None, str | N
       return f.read(), None
   except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
     return None, IMAGE_MISSING
+
+
+def load_image(path: str | os.PathLike[str], min_side: int = 0
+               ) -> tuple[ProbedImage | None, str | None]:
+  """A local image file, probed, with each side at least `min_side`; or (None, reason)."""
+  data, reason = read_image_file(path)
+  if reason:
+    return None, reason
+  image, reason = probe_image(data)
+  if reason:
+    return None, reason
+  if min(image.width, image.height) < min_side:
+    return None, IMAGE_TOO_SMALL
+  return image, None
 
 
 def decode_caption(raw: bytes | str | None) -> tuple[str | None, str | None]:
@@ -268,7 +284,30 @@ def example_features(**extra):
 # One source shard's examples, counting what it skips: `(shard, counter) -> (key, example)s`.
 # A module-level function (or a partial of one), so that Beam can pickle it.
 ShardExamples = Callable[[Any, SkipCounter], Iterator[tuple[str, dict[str, Any]]]]
+# One record's example: `(key, record) -> (example, None)` or `(None, skip reason)`.
+RecordExample = Callable[[str, Any], tuple[dict[str, Any] | None, str | None]]
 _SKIPS = "skips"
+# Records per shard of builders whose driver parses one annotation file for all images:
+# enough to amortise a Beam element, few enough to spread a split over the workers.
+RECORDS_PER_CHUNK = 256
+
+
+def chunked(records: Sequence[Any], size: int = RECORDS_PER_CHUNK) -> list[list[Any]]:
+  """`records` cut into lists of at most `size`, in order: picklable source shards."""
+  return [list(records[i:i + size]) for i in range(0, len(records), size)]
+
+
+def record_examples(chunk: Sequence[tuple[str, Any]], counter: SkipCounter,
+                    example: RecordExample) -> Iterator[tuple[str, dict[str, Any]]]:
+  """A `ShardExamples` over a chunk of (key, record) pairs (with `example` bound by a
+  partial), keeping or skipping each record as `example` says."""
+  for key, record in chunk:
+    out, reason = example(key, record)
+    if out is None:
+      counter.skip(reason)
+    else:
+      counter.keep()
+      yield key, out
 
 
 def beam_requested(download_config) -> bool:
@@ -278,36 +317,42 @@ def beam_requested(download_config) -> bool:
                                           or download_config.beam_options is not None)
 
 
-def _beam_shard(shard: Any, shard_examples: ShardExamples):
+def _beam_shard(pickled: bytes, shard_examples: ShardExamples):
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   counter = SkipCounter()
-  yield from shard_examples(shard, counter)
+  yield from shard_examples(pickle.loads(pickled), counter)
   yield beam.pvalue.TaggedOutput(_SKIPS, counter)
 
 
 def generate_beam(shards: Sequence[Any], shard_examples: ShardExamples, data_dir: str,
-                  dataset: str, split: str):
+                  dataset: str, split: str, skipped: SkipCounter | None = None):
   """A `beam.PTransform` generating the examples of `shards` on Beam workers, one source
-  shard per element, and writing the merged skip report once all are read."""
+  shard per element, and writing the merged skip report (plus `skipped`, what the driver
+  dropped while parsing) once all are read."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   beam = tfds.core.lazy_imports.apache_beam
+  driver = skipped or SkipCounter()
 
   @beam.ptransform_fn
   def Generate(pipeline):  # pylint: disable=invalid-name
-    out = (pipeline | "Shards" >> beam.Create(list(shards))
+    # Shards travel pickled: Beam's coder encodes str as strict UTF-8, and parsed records
+    # keep invalid UTF-8 as lone surrogates, to be skipped by reason where they are read.
+    out = (pipeline | "Shards" >> beam.Create([pickle.dumps(s) for s in shards])
            | "Examples" >> beam.FlatMap(_beam_shard, shard_examples).with_outputs(
                _SKIPS, main="examples"))
     _ = (out[_SKIPS] | "MergeSkips" >> beam.CombineGlobally(merge_counters)
-         | "SkipReport" >> beam.Map(lambda c: write_skip_report(data_dir, dataset, split, c)))
+         | "SkipReport" >> beam.Map(lambda c: write_skip_report(
+             data_dir, dataset, split, merge_counters([driver, c]))))
     return out.examples
 
   return Generate()  # pylint: disable=no-value-for-parameter
 
 
 def generate_local(shards: Sequence[Any], shard_examples: ShardExamples, data_dir: str,
-                   dataset: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+                   dataset: str, split: str, skipped: SkipCounter | None = None
+                   ) -> Iterator[tuple[str, dict[str, Any]]]:
   """The same examples as `generate_beam`, in this process."""
-  counter = SkipCounter()
+  counter = merge_counters([skipped] if skipped else [])
   for shard in shards:
     yield from shard_examples(shard, counter)
   write_skip_report(data_dir, dataset, split, counter)
@@ -323,7 +368,17 @@ class BeamWhenAsked:
     self._use_beam = beam_requested(download_config)
     return super()._download_and_prepare(dl_manager, download_config)  # pytype: disable=attribute-error
 
-  def generate(self, split: str, shards: Sequence[Any], shard_examples: ShardExamples):
+  def generate(self, split: str, shards: Sequence[Any], shard_examples: ShardExamples,
+               skipped: SkipCounter | None = None):
+    """`skipped`: what the driver already dropped (e.g. while parsing an annotation file),
+    added to the split's skip report."""
     make = generate_beam if getattr(self, "_use_beam", False) else generate_local
     return make(shards, shard_examples, str(self.data_dir),
-                f"{self.name}/{self.builder_config.name}", split)
+                f"{self.name}/{self.builder_config.name}", split, skipped)
+
+  def generate_records(self, split: str, records: Sequence[tuple[str, Any]],
+                       example: RecordExample, skipped: SkipCounter | None = None):
+    """`generate` over the (key, record) pairs the driver parsed from an annotation file,
+    in chunks: `example` (picklable) makes each record's example where the chunk runs."""
+    return self.generate(split, chunked(records),
+                         functools.partial(record_examples, example=example), skipped)

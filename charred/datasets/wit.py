@@ -256,14 +256,9 @@ def _example(path: epath.Path, row: int, fields: dict[str, str], images_dir: epa
     return None, web_images.IMAGE_MISSING
   if not (web_images.is_valid_utf8(url) and web_images.is_valid_utf8(title)):
     return None, web_images.METADATA_INVALID_UTF8
-  data, reason = web_images.read_image_file(images_dir / image_filename(url))
+  image, reason = web_images.load_image(images_dir / image_filename(url), min_side)
   if reason:
     return None, reason
-  image, reason = web_images.probe_image(data)
-  if reason:
-    return None, reason
-  if min(image.width, image.height) < min_side:
-    return None, web_images.IMAGE_TOO_SMALL
   nan = float("nan")
   return dict(
       image=image.data, caption=caption,
