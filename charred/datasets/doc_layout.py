@@ -490,13 +490,6 @@ class DocLayout(web_images.BeamWhenAsked, tfds.core.GeneratorBasedBuilder):
   DEFAULT_CONFIG_NAME = PUBLAYNET
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
 
-  # As in typography.py: TFDS 4.9.10's default `code_path` needs the
-  # importlib_resources backport on Python 3.11.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
-
   @property
   def layout(self) -> LayoutFormat:
     return FORMATS[self.builder_config.layout_format]

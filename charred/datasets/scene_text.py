@@ -319,13 +319,6 @@ class SceneText(web_images.BeamWhenAsked, tfds.core.GeneratorBasedBuilder):
   DEFAULT_CONFIG_NAME = "icdar2015"
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
 
-  # As in typography.py: TFDS 4.9.10's default `code_path` needs the
-  # importlib_resources backport on Python 3.11.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
-
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=_DESCRIPTION,

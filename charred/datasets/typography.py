@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import io
 
-from etils import epath
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
@@ -21,6 +20,7 @@ from charred.datasets import html_layouts
 from charred.datasets import render as render_lib
 from charred.datasets import signs
 from charred.datasets import svg_scenes
+from charred.datasets import web_images
 from charred.datasets import words as words_lib
 
 _DESCRIPTION = """\
@@ -136,14 +136,7 @@ class Typography(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [TINY, TINY_BW, TINY_GRID, TINY16, MICRO, BASE, SVG_TINY, LAYOUT_TINY]
   DEFAULT_CONFIG_NAME = "tiny"
 
-  # TFDS 4.9.10's default `code_path` touches the `importlib_resources`
-  # backport, which it only requires on Python < 3.9 (ModuleNotFoundError on
-  # 3.11 without it). The file path is all TFDS needs (to look for a checksums
-  # file next to it; there is none as nothing is downloaded).
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
+  code_path = web_images.ModuleFile()
 
   def _info(self) -> tfds.core.DatasetInfo:
     r = self.builder_config.scene or self.builder_config.render  # Both have height, width.
