@@ -37,19 +37,23 @@ is not a list of objects or has a non-string value) raises a one-line ValueError
 naming the file and row (rows count from 0, header excluded).
 
 The synthetic source (`render_example`, `write_synthetic_folder`) renders words and
-characters of Latin, Devanagari and Arabic script in script and handwriting fonts on
-paper-like backgrounds, as a pure function of (seed, index), and writes them in the
-layout above, so synthetic and real data share one reader. The `synthetic*` builder
+characters of Latin, Devanagari, Arabic and Han script in script, handwriting and brush
+fonts on paper-like backgrounds, as a pure function of (seed, index), and writes them in
+the layout above, so synthetic and real data share one reader. The `synthetic*` builder
 configs render it into the download dir: `prepare --builder=calligraphy/synthetic`
 needs no files. Fonts are only those of the `fontpkg-*` wheels (setup.py, pinned: the
-pixels depend on the font bytes), found by package path, never by a system font lookup;
-each is redistributed unmodified from github.com/google/fonts with its LICENSE in the
-wheel: Great Vibes (ofl/greatvibes), Dancing Script (ofl/dancingscript), Caveat
-(ofl/caveat), Kalam (Indian Type Foundry, ofl/kalam) and Amiri (ofl/amiri) under the
-SIL Open Font License 1.1, Satisfy (Font Diner, apache/satisfy) under Apache 2.0.
-Text is shaped by resvg (rustybuzz), so Arabic joins and Devanagari
-conjuncts are drawn as written. No CJK brush font ships on PyPI; Han calligraphy
-comes from real folders only.
+pixels depend on the font bytes) and of one Debian package, each found at its package's
+path, never by a system font lookup. The wheels' fonts are redistributed unmodified from
+github.com/google/fonts, each with its LICENSE in the wheel: Great Vibes
+(ofl/greatvibes), Dancing Script (ofl/dancingscript), Caveat (ofl/caveat), Kalam (Indian
+Type Foundry, ofl/kalam) and Amiri (ofl/amiri) under the SIL Open Font License 1.1,
+Satisfy (Font Diner, apache/satisfy) under Apache 2.0. Text is shaped by resvg
+(rustybuzz), so Arabic joins and Devanagari conjuncts are drawn as written. No CJK brush
+font ships on PyPI: Han regular script (kaishu) is AR PL UKai (Arphic Public License)
+from the Debian package fonts-arphic-ukai (`apt-get install fonts-arphic-ukai`), opt-in
+only (`synthetic_han`, `SyntheticConfig(fonts=("ukai",))`): the default fonts and the
+other synthetic configs are the wheels' alone, so their pixels do not depend on which
+Debian packages a machine has.
 """
 from __future__ import annotations
 
@@ -90,16 +94,18 @@ DUPLICATE_FILE = "duplicate_file"
 
 # Synthetic source.
 
-LATIN, DEVANAGARI, ARABIC = "Latin", "Devanagari", "Arabic"
+LATIN, DEVANAGARI, ARABIC, HAN = "Latin", "Devanagari", "Arabic", "Han"
 
 
 @dataclasses.dataclass(frozen=True)
 class CalligraphyFont:
-  """A bundled font: the wheel's package, its file, and what it writes."""
-  package: str  # Module of a fontpkg-* wheel; the file is at <package>/files/<file>.
+  """A bundled font: its package, its file, and what it writes."""
+  package: str  # Module of a fontpkg-* wheel, the file at <package>/files/<file>; with
+  # `debian`, a Debian package, the file at the absolute path it installs (Debian fixes it).
   file: str
   script: str
   style: str  # The caption's noun phrase for the hand.
+  debian: bool = False
 
 
 FONTS = {
@@ -113,20 +119,30 @@ FONTS = {
     "kalam": CalligraphyFont("fontpkg_kalam", "Kalam-Regular.ttf", DEVANAGARI, "handwriting"),
     "amiri": CalligraphyFont("fontpkg_amiri", "Amiri-Regular.ttf", ARABIC,
                              "naskh calligraphy"),
+    # A TrueType collection: its first face, 'AR PL UKai CN', is the one _family names.
+    "ukai": CalligraphyFont("fonts-arphic-ukai", "/usr/share/fonts/truetype/arphic/ukai.ttc",
+                            HAN, "regular-script (kaishu) brush calligraphy", debian=True),
 }
-# Script -> (wordfreq language, the script's Unicode letters as a (first, last) range;
-# words with other code points, e.g. Arabic diacritics or Latin in a Hindi list, are
-# left out).
-_SCRIPT_WORDS = {DEVANAGARI: ("hi", ("\u0900", "\u097f")),
-                 ARABIC: ("ar", ("\u0621", "\u064a"))}
+# The default fonts: the wheels' only, as setup.py pins them on every machine.
+WHEEL_FONTS = tuple(name for name, font in FONTS.items() if not font.debian)
+# Script -> (wordfreq language, the script's Unicode letters as a (first, last) range,
+# the longest word); words with other code points, e.g. Arabic diacritics or Latin in a
+# Hindi list, are left out. Han: the CJK Unified Ideographs block, words of at most 4
+# characters (longer ones are phrases, too small at a word image's 3:1).
+_SCRIPT_WORDS = {DEVANAGARI: ("hi", ("\u0900", "\u097f"), 8),
+                 ARABIC: ("ar", ("\u0621", "\u064a"), 8),
+                 HAN: ("zh", ("\u4e00", "\u9fff"), 4)}
 # Single characters: letters every font of the script draws.
 _CHARACTERS = {
     LATIN: "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
     DEVANAGARI: "अआइईउऊऋएऐओऔकखगघङचछजझञटठडढणतथदधनपफबभमयरलवशषसह",
     ARABIC: "ابتثجحخدذرزسشصضطظعغفقكلمنهوي",
+    # 永 (its strokes are kaishu's eight principles) and common characters.
+    HAN: "永一二三四五六七八九十人大天地日月山水火木金土中上下心手口目田雨风云龙虎鸟花草竹石"
+         "书字文道德和福寿春夏秋冬东南西北明光爱美家国学生长安平正气门马",
 }
 _TATWEEL = "\u0640"  # Arabic's elongation mark: in the letters' range, but no letter.
-_LANGUAGES = {LATIN: "en", DEVANAGARI: "hi", ARABIC: "ar"}
+_LANGUAGES = {LATIN: "en", DEVANAGARI: "hi", ARABIC: "ar", HAN: "zh"}
 # Named papers and inks, so that captions can say what the picture shows.
 PAPERS = {"ivory paper": (250, 244, 228), "cream paper": (242, 232, 208),
           "rice paper": (236, 233, 222), "parchment": (228, 210, 170),
@@ -146,7 +162,7 @@ class SyntheticConfig:
     num_examples: how many examples a folder or builder config holds.
     height: image height in pixels; a character image is height x height.
     word_width: width in pixels of a word image.
-    fonts: keys of FONTS, drawn uniformly.
+    fonts: keys of FONTS, drawn uniformly; by default WHEEL_FONTS.
     word_probability: probability that an example shows a word, not a character.
     vocabulary_size: words per script drawn from (most frequent first).
     min_margin: smallest margin, as a fraction of the height, around the writing.
@@ -155,7 +171,7 @@ class SyntheticConfig:
   num_examples: int = 2000
   height: int = 64
   word_width: int = 192
-  fonts: tuple[str, ...] = tuple(FONTS)
+  fonts: tuple[str, ...] = WHEEL_FONTS
   word_probability: float = 0.75
   vocabulary_size: int = 3000
   min_margin: float = 0.08
@@ -175,9 +191,15 @@ class SyntheticConfig:
 
 
 def font_path(name: str) -> str:
-  """Absolute path of FONTS[name]'s file inside its wheel; FileNotFoundError names the
-  wheel to install when it is missing."""
+  """Absolute path of FONTS[name]'s file inside its wheel or Debian package;
+  FileNotFoundError names the package to install when it is missing."""
   font = FONTS[name]
+  if font.debian:
+    if not os.path.isfile(font.file):
+      raise FileNotFoundError(f"calligraphy font {name!r} needs the Debian package "
+                              f"{font.package} (apt-get install {font.package}): no "
+                              f"{font.file}")
+    return font.file
   wheel = font.package.replace("_", "-")
   try:
     path = importlib.resources.files(font.package) / "files" / font.file
@@ -198,17 +220,17 @@ def _family(name: str) -> str:
 @functools.lru_cache(maxsize=None)
 def script_words(script: str, vocabulary_size: int) -> tuple[str, ...]:
   """Frequent words of `script`, most frequent first: words.py's English words for
-  Latin, wordfreq's Hindi and Arabic lists for Devanagari and Arabic."""
+  Latin, wordfreq's Hindi, Arabic and Chinese lists for Devanagari, Arabic and Han."""
   if script == LATIN:
     # Never the typography validation words: text-rendering evaluation stays on unseen
     # words when calligraphy is trained on.
     held_out = set(words_lib.word_splits()["validation"])
     candidates = words_lib.real_words(words_lib.WordSplitConfig.vocabulary_size, 3, 8)
     return tuple(w for w in candidates if w not in held_out)[:vocabulary_size]
-  language, (first, last) = _SCRIPT_WORDS[script]
+  language, (first, last), longest = _SCRIPT_WORDS[script]
   out = []
   for w in wordfreq.top_n_list(language, vocabulary_size * 2):
-    if (2 <= len(w) <= 8 and all(first <= c <= last and c != _TATWEEL for c in w)
+    if (2 <= len(w) <= longest and all(first <= c <= last and c != _TATWEEL for c in w)
         and w not in out):
       out.append(w)
   return tuple(out[:vocabulary_size])
@@ -302,6 +324,8 @@ def write_synthetic_folder(out: str | os.PathLike[str],
                            config: SyntheticConfig = SyntheticConfig()) -> list[dict[str, str]]:
   """Writes config.num_examples synthetic examples to `out` in the folder layout
   (images/NNNNNN.png and labels.csv); returns the label rows. Same config, same bytes."""
+  for name in config.fonts:  # A missing font fails before anything is written.
+    font_path(name)
   out = epath.Path(out)
   (out / "images").mkdir(parents=True, exist_ok=True)
   rows = []
@@ -424,6 +448,9 @@ SYNTHETIC = CalligraphyConfig(name="synthetic", description="2000 rendered examp
                               synthetic=SyntheticConfig())
 SYNTHETIC_MICRO = CalligraphyConfig(name="synthetic_micro", description="For smoke tests.",
                                     synthetic=SyntheticConfig(num_examples=32))
+SYNTHETIC_HAN = CalligraphyConfig(
+    name="synthetic_han", description="64 rendered Han examples (needs fonts-arphic-ukai).",
+    synthetic=SyntheticConfig(num_examples=64, fonts=("ukai",)))
 
 
 class Calligraphy(web_images.BeamWhenAsked, tfds.core.GeneratorBasedBuilder):
@@ -432,7 +459,7 @@ class Calligraphy(web_images.BeamWhenAsked, tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-  BUILDER_CONFIGS = [DEFAULT, SYNTHETIC, SYNTHETIC_MICRO]
+  BUILDER_CONFIGS = [DEFAULT, SYNTHETIC, SYNTHETIC_MICRO, SYNTHETIC_HAN]
   DEFAULT_CONFIG_NAME = "default"
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
 
