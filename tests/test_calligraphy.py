@@ -2,6 +2,7 @@
 survivors and per-reason skip counts, and the synthetic source that writes that layout
 with the bundled fonts only."""
 import csv
+import dataclasses
 import importlib.util
 import io
 import json
@@ -240,7 +241,8 @@ def test_synthetic_folder_is_deterministic_and_uses_bundled_fonts(tmp_path):
                                 ex["image"])
   assert {r["script"] for r in rows} == {"Latin", "Devanagari", "Arabic"}
   assert {r["kind"] for r in rows} == {"word", "character"}
-  for name, font in calligraphy.FONTS.items():
+  for name in calligraphy.WHEEL_FONTS:
+    font = calligraphy.FONTS[name]
     package_dir = importlib.util.find_spec(font.package).submodule_search_locations[0]
     path = calligraphy.font_path(name)
     assert os.path.commonpath([path, package_dir]) == package_dir and os.path.isfile(path)
@@ -289,6 +291,108 @@ def test_bad_synthetic_configs_fail_early():
     calligraphy.SyntheticConfig(fonts=("comic",))
   with pytest.raises(ValueError, match="word_probability must be in"):
     calligraphy.SyntheticConfig(word_probability=2.0)
+
+
+# Han: the Debian font AR PL UKai, opt-in only.
+
+UKAI = "/usr/share/fonts/truetype/arphic/ukai.ttc"  # fonts-arphic-ukai installs it here.
+needs_ukai = pytest.mark.skipif(not os.path.isfile(UKAI), reason="no fonts-arphic-ukai "
+                                "(apt-get install fonts-arphic-ukai)")
+HAN_STYLE = "regular-script (kaishu) brush calligraphy"
+
+
+def test_default_fonts_are_the_wheels_only():
+  from charred.datasets import calligraphy  # pylint: disable=g-import-not-at-top
+  wheels = ("great_vibes", "dancing_script", "satisfy", "caveat", "kalam", "amiri")
+  assert calligraphy.SyntheticConfig().fonts == calligraphy.WHEEL_FONTS == wheels
+  for config in (calligraphy.SYNTHETIC, calligraphy.SYNTHETIC_MICRO):
+    assert config.synthetic.fonts == wheels  # Their pixels are the same on every machine.
+  assert calligraphy.SYNTHETIC_HAN.synthetic.fonts == ("ukai",)
+  assert calligraphy.FONTS["ukai"].file == UKAI and calligraphy.FONTS["ukai"].debian
+
+
+def test_missing_debian_font_is_one_line_and_fails_a_build_early(tmp_path, monkeypatch):
+  from charred.datasets import calligraphy  # pylint: disable=g-import-not-at-top
+  gone = str(tmp_path / "ukai.ttc")
+  monkeypatch.setitem(calligraphy.FONTS, "ukai",
+                      dataclasses.replace(calligraphy.FONTS["ukai"], file=gone))
+  expected = ("calligraphy font 'ukai' needs the Debian package fonts-arphic-ukai "
+              f"(apt-get install fonts-arphic-ukai): no {gone}")
+  with pytest.raises(FileNotFoundError) as err:
+    calligraphy.font_path("ukai")
+  assert str(err.value) == expected
+  with pytest.raises(FileNotFoundError) as err:
+    _build(None, str(tmp_path / "tfds"), config="synthetic_han")
+  assert str(err.value) == expected
+  assert not list((tmp_path / "tfds").rglob("*.png"))  # Nothing was rendered.
+
+
+def _glyph_has_outline(font, char):
+  glyph = font["glyf"][font.getBestCmap()[ord(char)]]
+  return glyph.numberOfContours != 0
+
+
+@needs_ukai
+def test_han_characters_and_words_have_glyphs():
+  from fontTools import ttLib  # pylint: disable=g-import-not-at-top
+  from charred.datasets import calligraphy  # pylint: disable=g-import-not-at-top
+  font = ttLib.TTFont(UKAI, fontNumber=0)  # The face 'AR PL UKai CN' resvg is asked for.
+  cmap = font.getBestCmap()
+  characters = calligraphy._CHARACTERS["Han"]
+  words = calligraphy.script_words("Han", 3000)
+  assert len(set(characters)) == len(characters) >= 50 and "永" in characters
+  assert len(words) == 3000 and len(set(words)) == 3000
+  assert all(2 <= len(w) <= 4 for w in words) and "中国" in words
+  for char in set(characters) | set("".join(words)):
+    assert "\u4e00" <= char <= "\u9fff" and ord(char) in cmap, char
+    assert _glyph_has_outline(font, char), char
+
+
+@needs_ukai
+def test_han_examples_are_drawn_from_the_font_with_ink():
+  from PIL import ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
+  from charred.datasets import calligraphy  # pylint: disable=g-import-not-at-top
+  # resvg draws UKai's glyph, not a missing-glyph box: FreeType (PIL) draws the same shape.
+  for char in "永书":
+    mask = calligraphy._ink_mask(char, "ukai", 96)
+    canvas = Image.new("L", (200, 200))
+    ImageDraw.Draw(canvas).text((40, 40), char, font=ImageFont.truetype(UKAI, 96), fill=255)
+    reference = canvas.crop(canvas.getbbox()).resize(mask.shape[::-1])
+    assert np.corrcoef(mask.ravel(), np.asarray(reference, np.float32).ravel())[0, 1] > 0.9
+  config = calligraphy.SyntheticConfig(fonts=("ukai",), height=48, word_width=160, seed=5)
+  kinds = set()
+  for i in range(10):
+    ex = calligraphy.render_example(5, i, config)
+    kinds.add(ex["kind"])
+    assert ex["script"] == "Han" and ex["font"] == "ukai"
+    assert ex["language"] == ("zh" if ex["kind"] == "word" else "")
+    assert ex["caption"].startswith(f'The {ex["kind"]} "{ex["text"]}" in Han script, '
+                                    f'{HAN_STYLE} in ')
+    ink = np.asarray(calligraphy.INKS[ex["style"].rsplit(" in ", 1)[1].split(" on ")[0]])
+    to_ink = np.abs(ex["image"].astype(int) - ink).sum(-1)
+    to_paper = np.abs(np.asarray(calligraphy.PAPERS[ex["style"].rsplit(" on ", 1)[1]])
+                      - ink).sum()
+    assert 0.02 < (to_ink < 0.5 * to_paper).mean() < 0.3, ex["caption"]  # Strokes, on paper.
+    again = calligraphy.render_example(5, i, config)  # Deterministic.
+    np.testing.assert_array_equal(ex["image"], again["image"])
+    assert ex["caption"] == again["caption"]
+  assert kinds == {"word", "character"}
+  other = calligraphy.render_example(6, 0, config)
+  assert not np.array_equal(other["image"], calligraphy.render_example(5, 0, config)["image"])
+
+
+@needs_ukai
+def test_synthetic_han_config(tmp_path):
+  from charred.datasets import calligraphy, web_images  # pylint: disable=g-import-not-at-top
+  builder = _build(None, str(tmp_path / "tfds"), config="synthetic_han")
+  examples = _read(builder, decode=True)
+  assert len(examples) == 64
+  assert web_images.read_skip_report(builder.data_dir, "train")["skipped"] == {}
+  assert {ex["script"].decode() for ex in examples.values()} == {"Han"}
+  first = examples["images/000000.png"]
+  ex = calligraphy.render_example(0, 0, calligraphy.SYNTHETIC_HAN.synthetic)
+  np.testing.assert_array_equal(first["image"], ex["image"])
+  assert first["caption"].decode() == ex["caption"] and HAN_STYLE in ex["caption"]
 
 
 @pytest.mark.slow
