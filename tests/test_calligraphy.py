@@ -250,6 +250,15 @@ def test_synthetic_folder_is_deterministic_and_uses_bundled_fonts(tmp_path):
       assert json.load(f)["license"] in ("OFL-1.1", "Apache-2.0")  # Free to redistribute.
 
 
+def _ink_distances(ex):
+  """(each pixel's distance to the example's ink, the paper's distance to it)."""
+  from charred.datasets import calligraphy  # pylint: disable=g-import-not-at-top
+  ink_name, paper_name = ex["style"].rsplit(" in ", 1)[1].split(" on ")
+  ink = np.asarray(calligraphy.INKS[ink_name])
+  return (np.abs(ex["image"].astype(int) - ink).sum(-1),
+          np.abs(np.asarray(calligraphy.PAPERS[paper_name]) - ink).sum())
+
+
 def test_synthetic_examples_show_ink_of_their_script():
   from charred.datasets import calligraphy  # pylint: disable=g-import-not-at-top
   config = calligraphy.SyntheticConfig(height=48, word_width=160)
@@ -257,10 +266,7 @@ def test_synthetic_examples_show_ink_of_their_script():
     ex = calligraphy.render_example(0, i, config)
     h, w, _ = ex["image"].shape
     assert (h, w) == (48, 160 if ex["kind"] == "word" else 48)
-    ink_name, paper_name = ex["style"].rsplit(" in ", 1)[1].split(" on ")
-    ink = np.asarray(calligraphy.INKS[ink_name])
-    to_paper = np.abs(np.asarray(calligraphy.PAPERS[paper_name]) - ink).sum()
-    to_ink = np.abs(ex["image"].astype(int) - ink).sum(-1)
+    to_ink, to_paper = _ink_distances(ex)
     assert (to_ink < 0.25 * to_paper).sum() > 20, ex["caption"]  # Ink strokes were drawn.
     assert np.median(to_ink) > 0.8 * to_paper  # On paper.
     assert ex["caption"] == calligraphy.caption(ex["kind"], ex["text"], ex["script"],
@@ -368,10 +374,7 @@ def test_han_examples_are_drawn_from_the_font_with_ink():
     assert ex["language"] == ("zh" if ex["kind"] == "word" else "")
     assert ex["caption"].startswith(f'The {ex["kind"]} "{ex["text"]}" in Han script, '
                                     f'{HAN_STYLE} in ')
-    ink = np.asarray(calligraphy.INKS[ex["style"].rsplit(" in ", 1)[1].split(" on ")[0]])
-    to_ink = np.abs(ex["image"].astype(int) - ink).sum(-1)
-    to_paper = np.abs(np.asarray(calligraphy.PAPERS[ex["style"].rsplit(" on ", 1)[1]])
-                      - ink).sum()
+    to_ink, to_paper = _ink_distances(ex)
     assert 0.02 < (to_ink < 0.5 * to_paper).mean() < 0.3, ex["caption"]  # Strokes, on paper.
     again = calligraphy.render_example(5, i, config)  # Deterministic.
     np.testing.assert_array_equal(ex["image"], again["image"])
