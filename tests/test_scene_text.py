@@ -269,8 +269,8 @@ def test_phrases_and_captions():
 
 def test_prepare_finds_the_builder_by_name():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from charred.datasets import prepare, scene_text  # pylint: disable=g-import-not-at-top
-  prepare._register("scene_text/coco_text")  # pylint: disable=protected-access
+  from charred.datasets import scene_text, shard_inputs  # pylint: disable=g-import-not-at-top
+  shard_inputs.register_builder("scene_text/coco_text")
   assert tfds.builder_cls("scene_text") is scene_text.SceneText
 
 

@@ -165,8 +165,8 @@ def test_quote_ocr_words():
 
 def test_prepare_finds_the_builder_by_name():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from charred.datasets import prepare, textcaps  # pylint: disable=g-import-not-at-top
-  prepare._register("textcaps")  # pylint: disable=protected-access
+  from charred.datasets import shard_inputs, textcaps  # pylint: disable=g-import-not-at-top
+  shard_inputs.register_builder("textcaps")
   assert tfds.builder_cls("textcaps") is textcaps.TextCaps
 
 

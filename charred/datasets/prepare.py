@@ -34,19 +34,19 @@ from __future__ import annotations
 
 import collections
 import functools
-import importlib
 import itertools
 import os
 import re
 import sys
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
 
 from charred.datasets import jxl_shards
+from charred.datasets import shard_inputs
 
 _BUILDER = flags.DEFINE_string("builder", None, "TFDS builder NAME[/CONFIG][:VERSION].")
 _TASK = flags.DEFINE_string("task", None, "A web source read through its quality-filtered "
@@ -85,78 +85,6 @@ _BEAM_OPTIONS = flags.DEFINE_string("beam_pipeline_options", None, "With --runne
                                     "pipeline options, 'key=value,key=value' (as tfds build "
                                     "takes them).")
 
-_OPTIONAL_TEXT = ("language", "source")
-
-
-# TFDS names of charred's builders whose module is named otherwise (TFDS has its own `wit`).
-_BUILDER_MODULES = {"wit_images": "wit"}
-
-
-def _register(builder_name: str) -> None:
-  """Imports charred.datasets.<module>, whose import registers the builder with TFDS."""
-  module = builder_name.split("/")[0].split(":")[0]
-  module = _BUILDER_MODULES.get(module, module)
-  try:
-    importlib.import_module(f"charred.datasets.{module}")
-  except ModuleNotFoundError as e:
-    if e.name != f"charred.datasets.{module}":
-      raise
-
-
-def load_builder(builder_name: str, data_dir: str | None = None,
-                 manual_dir: str | None = None, beam_options=None):
-  """The TFDS builder `builder_name`, generated into `data_dir` if needed (through Beam
-  with `beam_options`, by builders that support it)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  _register(builder_name)
-  try:
-    builder = tfds.builder(builder_name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f"unknown TFDS builder {builder_name!r}: "
-                     f"{str(e).splitlines()[0]}") from None
-  if not builder.is_prepared():
-    print(f"Generating {builder_name} into {builder.data_dir} ...", flush=True)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir,
-                                                     beam_options=beam_options))
-  return builder
-
-
-def iter_examples(builder, split: str) -> Iterator[dict[str, Any]]:
-  """The split's examples as `jxl_shards.make_record` inputs, images still encoded."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  features = builder.info.features
-  for name in ("image", "caption"):
-    if name not in features:
-      raise ValueError(f"{builder.name}: no {name!r} feature (has {sorted(features)}).")
-  decoders = {"image": tfds.decode.SkipDecoding()}
-  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
-                          read_config=tfds.ReadConfig(add_tfds_id=True))
-  extras = [k for k in (*_OPTIONAL_TEXT, *jxl_shards.EXTRA_FLOAT_KEYS) if k in features]
-  for ex in tfds.as_numpy(ds):
-    out = dict(image=ex["image"], caption=ex["caption"],
-               key=ex["key"] if "key" in features else ex["tfds_id"])
-    for k in extras:
-      out[k] = ex[k]
-    yield out
-
-
-def iter_task_examples(task_name: str, split: str,
-                       num_epochs: int | None = 1) -> Iterator[dict[str, Any]]:
-  """A SeqIO task's or mixture's examples in order (a mixture's draws seeded), as
-  `jxl_shards.make_record` inputs (the tasks keep their images encoded)."""
-  import seqio  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  provider = seqio.get_mixture_or_task(task_name)
-  keep = ("image", "caption", "key", *_OPTIONAL_TEXT, *jxl_shards.EXTRA_FLOAT_KEYS)
-  # A mixture keeps only its output features unless told otherwise.
-  extra = ({"passthrough_features": keep} if isinstance(provider, seqio.Mixture) else {})
-  ds = provider.get_dataset(None, split=split, shuffle=False, seed=0, num_epochs=num_epochs,
-                            **extra)
-  for ex in tfds.as_numpy(ds):
-    yield {k: ex[k] for k in keep if k in ex}
-
-
 def prepare_task(source: str, split: str, out: str, *,
                  filter_names: Sequence[str] | None = None,
                  filter_args: Mapping[str, Mapping[str, Any]] | None = None,
@@ -184,7 +112,8 @@ def prepare_task(source: str, split: str, out: str, *,
   if runner and rebalance:
     raise ValueError("--rebalance draws in one process; drop --runner to use it.")
   options = _beam_options(runner, beam_options)
-  builder = load_builder(source_tasks.WEB_SOURCES[source], data_dir, manual_dir, options)
+  builder = shard_inputs.load_builder(source_tasks.WEB_SOURCES[source], data_dir, manual_dir,
+                                      options)
   described = dict(_describe(source_tasks.WEB_SOURCES[source], builder), task=source,
                    filters=list(filter_names),
                    filter_args={k: {p: repr(v) if not isinstance(v, (int, float, str, bool))
@@ -199,20 +128,21 @@ def prepare_task(source: str, split: str, out: str, *,
   counts = filters.FilterCounts()
   task = source_tasks.web_task(source, filter_names, data_dir, counts, filter_args)
   if not rebalance:
-    return _write(iter_task_examples(task, split), out, split, described,
+    return _write(shard_inputs.iter_task_examples(task, split), out, split, described,
                   filtered=counts.as_dict, **shard_options)
   from charred.datasets import languages  # pylint: disable=g-import-not-at-top
   # A census of the filtered examples' languages; its filter counts are the manifest's
   # (the mixture re-reads the source once per language).
   census = collections.Counter()
-  for ex in iter_task_examples(task, split):
+  for ex in shard_inputs.iter_task_examples(task, split):
     census[languages.resolve_language(ex.get("language", b""), ex["caption"])] += 1
   filtered = counts.as_dict()
   rates = languages.register_rebalanced_mixture(f"{task}_balanced", task, census,
                                                 num_examples=rebalance,
                                                 max_repeat=max_repeat, split=split)
   described["languages"] = dict(counts=dict(sorted(census.items())), rates=rates)
-  draws = itertools.islice(iter_task_examples(f"{task}_balanced", split, num_epochs=None),
+  draws = itertools.islice(
+      shard_inputs.iter_task_examples(f"{task}_balanced", split, num_epochs=None),
                            rebalance)
   return _write(draws, out, split, described, filtered=lambda: filtered, **shard_options)
 
@@ -287,7 +217,7 @@ def prepare(builder_name: str, split: str, out: str, *, data_dir: str | None = N
   """
   _check_output(out, overwrite)
   options = _beam_options(runner, beam_options)
-  builder = load_builder(builder_name, data_dir, manual_dir, options)
+  builder = shard_inputs.load_builder(builder_name, data_dir, manual_dir, options)
   shard_options = dict(record_format=record_format, settings=settings,
                        examples_per_shard=examples_per_shard, max_pixels=max_pixels,
                        num_workers=num_workers, overwrite=overwrite)
@@ -297,7 +227,8 @@ def prepare(builder_name: str, split: str, out: str, *, data_dir: str | None = N
     read = functools.partial(prepare_beam.read_builder_chunk, builder_name=builder_name,
                              data_dir=data_dir)
     return _write_beam(read, builder, options, out, split, described, **shard_options)
-  return _write(iter_examples(builder, split), out, split, described, **shard_options)
+  return _write(shard_inputs.iter_examples(builder, split), out, split, described,
+                **shard_options)
 
 
 def main(argv):

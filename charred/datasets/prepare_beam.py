@@ -32,6 +32,7 @@ import tempfile
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from charred.datasets import jxl_shards
+from charred.datasets import shard_inputs
 
 INSTALL_HINT = "pip install 'charred[beam]'"
 _PARTS = "parts"
@@ -95,8 +96,7 @@ def chunk_splits(split: str, split_infos, num_chunks: int,
 
 @functools.lru_cache(maxsize=None)
 def _builder(builder_name: str, data_dir: str | None):
-  from charred.datasets import prepare  # pylint: disable=g-import-not-at-top
-  prepare._register(builder_name)  # pylint: disable=protected-access
+  shard_inputs.register_builder(builder_name)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds.builder(builder_name, data_dir=data_dir)
 
@@ -104,8 +104,7 @@ def _builder(builder_name: str, data_dir: str | None):
 def read_builder_chunk(sub_split: str, builder_name: str, data_dir: str | None
                        ) -> tuple[Iterator[dict[str, Any]], Callable[[], dict[str, Any]]]:
   """(examples of a prepared builder's sub-split, no filter counts)."""
-  from charred.datasets import prepare  # pylint: disable=g-import-not-at-top
-  return prepare.iter_examples(_builder(builder_name, data_dir), sub_split), dict
+  return shard_inputs.iter_examples(_builder(builder_name, data_dir), sub_split), dict
 
 
 def read_task_chunk(sub_split: str, source: str, filter_names: Sequence[str],
@@ -113,10 +112,10 @@ def read_task_chunk(sub_split: str, source: str, filter_names: Sequence[str],
                     filter_args: Mapping[str, Mapping[str, Any]] | None = None
                     ) -> tuple[Iterator[dict[str, Any]], Callable[[], dict[str, Any]]]:
   """(a web source's sub-split through its filters, that chunk's filter counts)."""
-  from charred.datasets import filters, prepare, source_tasks  # pylint: disable=g-import-not-at-top
+  from charred.datasets import filters, source_tasks  # pylint: disable=g-import-not-at-top
   counts = filters.FilterCounts()
   task = source_tasks.web_task(source, filter_names, data_dir, counts, filter_args)
-  return prepare.iter_task_examples(task, sub_split), counts.as_dict
+  return shard_inputs.iter_task_examples(task, sub_split), counts.as_dict
 
 
 # Pipeline steps.
