@@ -26,6 +26,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import datetime
+import functools
 import hashlib
 import io
 import itertools
@@ -266,12 +267,19 @@ def _ordered_map(fn: Callable, items: Iterable, num_workers: int) -> Iterator:
       yield result
 
 
+def check_output_dir(out_dir: str, overwrite: bool) -> bool:
+  """Whether `out_dir` holds something (a non-empty folder or a file); refused unless
+  `overwrite`. Cheap, so callers check before any slow work."""
+  taken = os.path.exists(out_dir) and (not os.path.isdir(out_dir) or bool(os.listdir(out_dir)))
+  if taken and not overwrite:
+    raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to "
+                          "replace it.")
+  return taken
+
+
 def prepare_output_dir(out_dir: str, overwrite: bool) -> None:
   """Creates `out_dir`; an existing non-empty one is refused, or deleted with `overwrite`."""
-  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-    if not overwrite:
-      raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to "
-                            "replace it.")
+  if check_output_dir(out_dir, overwrite):
     manifest = os.path.join(out_dir, MANIFEST)
     if os.path.exists(manifest):  # From now on the old output reads as unfinished.
       os.remove(manifest)
@@ -300,13 +308,25 @@ def check_write_options(record_format: str, examples_per_shard: int) -> None:
     raise ValueError(f"examples_per_shard must be >= 1, got {examples_per_shard}.")
 
 
-def encode_example(example: dict[str, Any], settings: JxlSettings,
-                   max_pixels: int | None = None) -> dict[str, Any] | SkipExample:
-  """`make_record`, with a skipped example returned (as its SkipExample) rather than raised."""
+def _encode_example(example: dict[str, Any], settings: JxlSettings,
+                    max_pixels: int | None = None) -> dict[str, Any] | SkipExample:
   try:
     return make_record(example, settings, max_pixels)
   except SkipExample as e:
     return e
+
+
+def encode_examples(examples: Iterable[dict[str, Any]], settings: JxlSettings,
+                    max_pixels: int | None, num_workers: int,
+                    skipped: collections.Counter) -> Iterator[dict[str, Any]]:
+  """`make_record` of each example on `num_workers` threads (libjxl releases the GIL), in
+  input order; skipped examples are counted by reason into `skipped`, not yielded."""
+  encode = functools.partial(_encode_example, settings=settings, max_pixels=max_pixels)
+  for record in _ordered_map(encode, examples, num_workers):
+    if isinstance(record, SkipExample):
+      skipped[record.reason] += 1
+    else:
+      yield record
 
 
 def shard_entry_names(split: str, index: int, record_format: str) -> dict[str, str]:
@@ -386,22 +406,10 @@ def write_shards(examples: Iterable[dict[str, Any]], out_dir: str, *,
   """
   check_write_options(record_format, examples_per_shard)
   prepare_output_dir(out_dir, overwrite)
-  num_workers = num_workers or os.cpu_count() or 1
   skipped = collections.Counter()
-  num_read = 0
-
-  def records():
-    nonlocal num_read
-    for record in _ordered_map(lambda ex: encode_example(ex, settings, max_pixels),
-                               examples, num_workers):
-      num_read += 1
-      if isinstance(record, SkipExample):
-        skipped[record.reason] += 1
-      else:
-        yield record
-
+  stream = encode_examples(examples, settings, max_pixels,
+                           num_workers or os.cpu_count() or 1, skipped)
   shards, image_bytes = [], 0
-  stream = iter(records())
   while (first := next(stream, None)) is not None:
     shard = itertools.chain([first], itertools.islice(stream, examples_per_shard - 1))
     entry, n_bytes = write_records(shard, out_dir, split, len(shards), record_format)
@@ -409,6 +417,7 @@ def write_shards(examples: Iterable[dict[str, Any]], out_dir: str, *,
     image_bytes += n_bytes
     if log:
       log(f"  {entry['path']}: {entry['num_records']} records, {entry['num_bytes']:,} bytes")
+  num_read = sum(e["num_records"] for e in shards) + sum(skipped.values())
   manifest = make_manifest(settings=settings, record_format=record_format, split=split,
                            shards=shards, num_read=num_read, skipped=skipped,
                            image_bytes=image_bytes, source=source, max_pixels=max_pixels,

@@ -35,7 +35,6 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
-import os
 import re
 import sys
 import time
@@ -108,7 +107,7 @@ def prepare_task(source: str, split: str, out: str, *,
   filter_args = {k: dict(v) for k, v in (filter_args or {}).items()}
   # Bad names fail before slow work.
   source_tasks.check_web_task(source, filter_names, filter_args)
-  _check_output(out, shard_options.get("overwrite", False))
+  jxl_shards.check_output_dir(out, shard_options.get("overwrite", False))
   if runner and rebalance:
     raise ValueError("--rebalance draws in one process; drop --runner to use it.")
   options = _beam_options(runner, beam_options)
@@ -145,11 +144,6 @@ def prepare_task(source: str, split: str, out: str, *,
       shard_inputs.iter_task_examples(f"{task}_balanced", split, num_epochs=None),
                            rebalance)
   return _write(draws, out, split, described, filtered=lambda: filtered, **shard_options)
-
-
-def _check_output(out: str, overwrite: bool) -> None:
-  if os.path.exists(out) and os.listdir(out) and not overwrite:  # Before any slow work.
-    raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it.")
 
 
 def _describe(builder_name: str, builder) -> dict[str, Any]:
@@ -195,7 +189,7 @@ def _write_beam(read, builder, options, out: str, split: str, source: dict[str, 
   from charred.datasets import prepare_beam  # pylint: disable=g-import-not-at-top
   sub_splits = prepare_beam.chunk_splits(
       split, builder.info.splits,
-      prepare_beam._CHUNKS_PER_WORKER * prepare_beam.num_workers_of(options))  # pylint: disable=protected-access
+      prepare_beam.CHUNKS_PER_WORKER * prepare_beam.num_workers_of(options))
   return prepare_beam.write_shards(
       read, sub_splits, out, options, settings=settings or jxl_shards.JxlSettings(),
       record_format=record_format, examples_per_shard=examples_per_shard,
@@ -215,7 +209,7 @@ def prepare(builder_name: str, split: str, out: str, *, data_dir: str | None = N
   builder's generation and the writing run as Beam pipelines (`prepare_beam`): the same
   shards and manifest.
   """
-  _check_output(out, overwrite)
+  jxl_shards.check_output_dir(out, overwrite)
   options = _beam_options(runner, beam_options)
   builder = shard_inputs.load_builder(builder_name, data_dir, manual_dir, options)
   shard_options = dict(record_format=record_format, settings=settings,

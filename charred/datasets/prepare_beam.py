@@ -8,7 +8,7 @@ r"""`prepare` as an Apache Beam pipeline: the same shards and manifest, from man
 
 Why it gives the same output as the single-process writer (`jxl_shards.write_shards`): the
 input split is cut into contiguous chunks read in parallel; each worker encodes its chunk
-(`jxl_shards.encode_example`) into a part file and reports its counts; one small step lays
+(`jxl_shards.encode_examples`) into a part file and reports its counts; one small step lays
 the kept records out into shards of `examples_per_shard` in input order, exactly as the
 single-process writer packs them; workers then write each shard through
 `jxl_shards.write_records`. Same keys, pixels, shard boundaries and skip counts.
@@ -23,6 +23,7 @@ share; only the DirectRunner is tested here.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import os
@@ -38,7 +39,7 @@ INSTALL_HINT = "pip install 'charred[beam]'"
 _PARTS = "parts"
 _LENGTH = struct.Struct("<Q")
 # Chunks per worker at least: a slow chunk then delays the end less.
-_CHUNKS_PER_WORKER = 4
+CHUNKS_PER_WORKER = 4
 
 
 def import_beam():
@@ -131,20 +132,14 @@ def encode_chunk(item: tuple[int, str], tmp: str, read: Callable, settings, max_
   order); returns the chunk's counts."""
   chunk, sub_split = item
   examples, filtered = read(sub_split)
-  skipped, num_read, num_records = {}, 0, 0
+  skipped, num_records = collections.Counter(), 0
   with open(_part_path(tmp, chunk), "wb") as f:
-    encode = functools.partial(jxl_shards.encode_example, settings=settings,
-                               max_pixels=max_pixels)
-    for record in jxl_shards._ordered_map(encode, examples, threads):  # pylint: disable=protected-access
-      num_read += 1
-      if isinstance(record, jxl_shards.SkipExample):
-        skipped[record.reason] = skipped.get(record.reason, 0) + 1
-        continue
+    for record in jxl_shards.encode_examples(examples, settings, max_pixels, threads, skipped):
       data = jxl_shards.serialize_record(record)
       f.write(_LENGTH.pack(len(data)) + data)
       num_records += 1
-  return dict(chunk=chunk, num_read=num_read, num_records=num_records, skipped=skipped,
-              filtered=filtered())
+  return dict(chunk=chunk, num_read=num_records + sum(skipped.values()),
+              num_records=num_records, skipped=dict(skipped), filtered=filtered())
 
 
 def plan_shards(chunks: Sequence[dict[str, Any]], examples_per_shard: int
@@ -217,8 +212,7 @@ def write_shards(read: Callable, sub_splits: Sequence[str], out: str, options, *
   (`read` returns the examples and a callable of that chunk's filter counts)."""
   beam = import_beam()
   jxl_shards.check_write_options(record_format, examples_per_shard)
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
-    raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it.")
+  jxl_shards.check_output_dir(out, overwrite)
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.beam-", dir=parent)
