@@ -23,7 +23,7 @@ import math
 import os
 import pickle
 import sys
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from absl import logging
 from etils import epath
@@ -298,10 +298,11 @@ def chunked(records: Sequence[Any], size: int = RECORDS_PER_CHUNK) -> list[list[
   return [list(records[i:i + size]) for i in range(0, len(records), size)]
 
 
-def record_examples(chunk: Sequence[tuple[str, Any]], counter: SkipCounter,
+def record_examples(chunk: Iterable[tuple[str, Any]], counter: SkipCounter,
                     example: RecordExample) -> Iterator[tuple[str, dict[str, Any]]]:
   """A `ShardExamples` over a chunk of (key, record) pairs (with `example` bound by a
-  partial), keeping or skipping each record as `example` says."""
+  partial), keeping or skipping each record as `example` says; also a builder's loop over
+  the records of one source file."""
   for key, record in chunk:
     out, reason = example(key, record)
     if out is None:

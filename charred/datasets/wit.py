@@ -227,19 +227,17 @@ class WitImages(web_images.BeamWhenAsked, tfds.core.GeneratorBasedBuilder):
 def tsv_examples(path: str, counter: web_images.SkipCounter, images_dir: str,
                  min_side: int) -> Iterator[tuple[str, dict]]:
   """Examples of one TSV file (a source shard), counting the rows skipped."""
-  path, images = epath.Path(path), epath.Path(images_dir)
-  for row, fields in read_tsv(path):
-    example, reason = _example(path, row, fields, images, min_side)
-    if example is None:
-      counter.skip(reason)
-    else:
-      counter.keep()
-      yield example["key"], example
+  path = epath.Path(path)
+  rows = ((f"{path.name}:{row}", (row, fields)) for row, fields in read_tsv(path))
+  return web_images.record_examples(rows, counter, functools.partial(
+      _example, path=path, images_dir=epath.Path(images_dir), min_side=min_side))
 
 
-def _example(path: epath.Path, row: int, fields: dict[str, str], images_dir: epath.Path,
-             min_side: int) -> tuple[dict | None, str | None]:
-  """The feature dict of one TSV row, or (None, skip reason)."""
+def _example(key: str, record: tuple[int, dict[str, str]], path: epath.Path,
+             images_dir: epath.Path, min_side: int) -> tuple[dict | None, str | None]:
+  """The feature dict of one TSV row (`record`: its number and fields), or (None, skip
+  reason)."""
+  row, fields = record
   width, height = (_size(fields, c, path, row) for c in ("original_width", "original_height"))
   caption, caption_source, reason = wit_caption(fields)
   if reason:
@@ -256,7 +254,7 @@ def _example(path: epath.Path, row: int, fields: dict[str, str], images_dir: epa
   return dict(
       image=image.data, caption=caption,
       language=web_images.normalize_language(fields["language"]),
-      key=f"{path.name}:{row}", width=image.width, height=image.height, source=SOURCE,
+      key=key, width=image.width, height=image.height, source=SOURCE,
       similarity=nan, pwatermark=nan, punsafe=nan, aesthetic_score=nan,
       url=url, original_width=width, original_height=height,
       caption_source=caption_source, page_title=title,
