@@ -15,7 +15,12 @@ import jax.numpy as jnp
 
 from charred.models import diffusion
 from charred.models.t5_encoder import T5Encoder, T5EncoderConfig
-from charred.models.unet import UNet, UNetConfig
+from charred.models.unet import UNet, UNetConfig, sinusoidal_positions
+
+# ByT5 ids are byte + 3 (0 pad, 1 EOS, 2 UNK): the opening quote, and the range of UTF-8
+# continuation bytes 0x80-0xBF, which belong to the character their lead byte starts.
+QUOTE_ID = ord('"') + 3
+_CONTINUATION_IDS = (0x80 + 3, 0xBF + 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +42,12 @@ class TextToImageConfig:
   # vocabulary of charred.subword (e.g. 'subword_en_1k': the character-blind arm, whose
   # ids say nothing of the letters inside a piece). text_encoder.vocab_size must hold it.
   tokenizer: str = 'bytes'
+  # Sinusoidal positions on the text states counted in characters from the caption's
+  # first double quote (the first quoted character is 0, the template before it negative),
+  # instead of the U-Net's byte index from the caption's start (UNetConfig.text_positions,
+  # which must then be None): the k-th quoted letter then has one coordinate whatever the
+  # template, and a multi-byte character one position. Bytes only.
+  quote_positions: bool = False
 
   def text_tokenizer(self):
     """None for bytes (charred.tokenizer), else the subword tokenizer object."""
@@ -54,6 +65,11 @@ class TextToImageConfig:
       name = 'encoder_hid_dim' if self.unet.encoder_hid_dim else 'cross_attention_dim'
       raise ValueError(f'unet.{name} ({text_width}) must equal text_encoder.d_model '
                        f'({self.text_encoder.d_model}).')
+    if self.quote_positions and (self.unet.text_positions or self.unet.cross_attention_rope
+                                 or self.tokenizer != 'bytes'):
+      raise ValueError('quote_positions replaces unet.text_positions and byte-index RoPE, '
+                       'and counts bytes: set unet.text_positions=None, '
+                       "unet.cross_attention_rope=False and tokenizer='bytes'.")
 
   def check_codec(self, codec) -> None:
     """The U-Net must take and give `codec.channels * patch_size**2` channels, and
@@ -83,8 +99,15 @@ class TextToImage(nn.Module):
     self.unet = UNet(self.config.unet)
 
   def encode_text(self, tokens, mask, deterministic: bool = True):
-    """Byte ids [B, L] and mask [B, L] -> hidden states [B, L, D]."""
-    return self.text_encoder(tokens, mask, deterministic=deterministic)
+    """Byte ids [B, L] and mask [B, L] -> hidden states [B, L, D] (with quote_positions,
+    their sinusoids added)."""
+    states = self.text_encoder(tokens, mask, deterministic=deterministic)
+    if not self.config.quote_positions:
+      return states
+    b, length, d = states.shape
+    positions = quote_positions(tokens, mask).reshape(-1)
+    return states + sinusoidal_positions(positions, d).reshape(b, length, d).astype(
+        states.dtype)
 
   def denoise(self, x_t, timesteps, context, mask, deterministic: bool = True):
     """One network evaluation on noisy images or latents [B, h, w, C]."""
@@ -95,6 +118,20 @@ class TextToImage(nn.Module):
   def __call__(self, x_t, timesteps, tokens, mask, deterministic: bool = True):
     context = self.encode_text(tokens, mask, deterministic)
     return self.denoise(x_t, timesteps, context, mask, deterministic)
+
+
+def quote_positions(tokens, mask):
+  """float32 [B, L]: each byte's character index counted from the character after the
+  first double quote of its caption (from the first character when there is none).
+  Continuation bytes of a UTF-8 character share its position; padding keeps the last."""
+  lo, hi = _CONTINUATION_IDS
+  starts = (mask > 0) & ~((tokens >= lo) & (tokens <= hi))
+  index = jnp.cumsum(starts, axis=1) - 1  # character index of each byte
+  is_quote = (tokens == QUOTE_ID) & (mask > 0)
+  first = jnp.argmax(is_quote, axis=1)
+  origin = jnp.where(jnp.any(is_quote, axis=1),
+                     jnp.take_along_axis(index, first[:, None], axis=1)[:, 0] + 1, 0)
+  return (index - origin[:, None]).astype(jnp.float32)
 
 
 def space_to_depth(x, p: int):
