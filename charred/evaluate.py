@@ -1,7 +1,7 @@
 r"""Runs a trained run's evaluators once; prints one JSON line.
 
-  python -m charred.evaluate --workdir=DIR [--words_file=F] [--steps=50] \
-      [--guidance_scale=G] [--scheduler=ddim] [--guidance_rescale=0.0]
+  python -m charred.evaluate --workdir=DIR [--words_file=F | --prompts_file=F] \
+      [--steps=50] [--guidance_scale=G] [--scheduler=ddim] [--guidance_rescale=0.0]
 
 Builds the evaluators the run's experiment lists (`Experiment.evaluators`), as training
 does, and runs each once on the checkpoint's EMA parameters. The text-rendering evaluator
@@ -13,6 +13,15 @@ metrics for the target texts rendered as the run's training signs and read by th
 OCR: what a perfect model would score. Guidance defaults to the scale the run's
 experiment declares (`SampleEvalConfig.guidance_scale`). The validation loss appears as
 `validation/loss`.
+
+With --prompts_file, any prompts instead: each line of F is `<prompt><TAB><expected
+text>` (blank lines and `#` lines aside; `charred.evaluation.prompts_file`), the expected
+text being what OCR must read (it may hold several words; its frequency bucket is that of
+its rarest word, as for the training phrases). A file that does not parse fails with its
+line number before the run loads. Prompts longer than the model's text length, and
+expected texts with a character the run's ground-truth fonts lack, are skipped: counted
+as `num_skipped` (`num_skipped/too_long`, `num_skipped/no_glyph`) and summarised on
+stderr; if all are, the command fails (exit 1).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 
 from absl import app
@@ -30,6 +40,8 @@ from charred.configs import sampling_flags as sf
 
 _WORDS_FILE = flags.DEFINE_string('words_file', None, 'One word per line (default: the '
                                   "run's validation words).")
+_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'Any prompts instead: lines '
+                                    '"<prompt><TAB><expected text>".')
 _BATCH = flags.DEFINE_integer('batch_size', 100, 'Prompts sampled at once.')
 _SAMPLES = flags.DEFINE_string('samples_png', None, 'Also write a labelled grid here.')
 
@@ -60,6 +72,31 @@ def words_targets(path: str):
           for t in read_words(path)]
 
 
+def prompts_targets(pairs):
+  """RenderingTargets for (prompt, expected text) pairs. A text of several words gets the
+  bucket of its rarest word, as the training phrases do (`signs.phrase_bucket`); one
+  word, its own (as `words_targets`)."""
+  from charred.datasets import signs  # pylint: disable=g-import-not-at-top
+  from charred.evaluation import evaluators  # pylint: disable=g-import-not-at-top
+  return [evaluators.RenderingTarget(prompt, text, signs.phrase_bucket(text.split()))
+          for prompt, text in pairs]
+
+
+def screen_prompts(pairs, experiment):
+  """`prompts_file.screen` of the pairs against the run's model (its tokenizer and text
+  length, as `ImageGenerator.tokenize` checks) and its ground-truth fonts."""
+  from charred import tokenizer  # pylint: disable=g-import-not-at-top
+  from charred.datasets import render, signs  # pylint: disable=g-import-not-at-top
+  from charred.evaluation import prompts_file  # pylint: disable=g-import-not-at-top
+  model = experiment.model
+  # The fonts do not depend on the image size.
+  fonts = signs.ground_truth_config(experiment.data.builder_config, 1, 1).fonts
+  return prompts_file.screen(
+      pairs, num_tokens=(model.text_tokenizer() or tokenizer).num_tokens,
+      text_length=model.text_length,
+      codepoints=prompts_file.drawable_codepoints([render.font_path(f) for f in fonts]))
+
+
 def for_evaluate(config):
   """A text-rendering config as this command samples: every prompt, the flags' sampler
   (guidance: the config's unless --guidance_scale)."""
@@ -75,19 +112,37 @@ def main(argv):
   from charred.configs import runs  # pylint: disable=g-import-not-at-top
   from charred.evaluation import evaluators  # pylint: disable=g-import-not-at-top
   from charred.evaluation import grid  # pylint: disable=g-import-not-at-top
+  from charred.evaluation import prompts_file  # pylint: disable=g-import-not-at-top
   from charred.models import schedulers  # pylint: disable=g-import-not-at-top
   from charred.models.generation import PromptTooLongError  # pylint: disable=g-import-not-at-top
   if not sf.WORKDIR.value:
     gin_utils.exit_with_error('charred.evaluate', ValueError('--workdir is required.'))
+  if _WORDS_FILE.value and _PROMPTS_FILE.value:
+    gin_utils.exit_with_error('charred.evaluate', ValueError(
+        '--words_file and --prompts_file exclude each other: give one.'))
   start = time.time()
   result, rendering = {}, None
   try:
     schedulers.lookup(sf.SCHEDULER.value)  # a bad name fails before the run loads
+    # So does a bad prompts file: nothing is sampled for half of one.
+    pairs = _PROMPTS_FILE.value and prompts_file.read_prompts(_PROMPTS_FILE.value)
     run = runs.load_run(sf.WORKDIR.value, sf.CHECKPOINT_STEP.value)
     data = experiment_lib.eval_data(run.experiment)
     if _WORDS_FILE.value:
       words = words_targets(_WORDS_FILE.value)
       data = dataclasses.replace(data, targets=lambda split: words)
+    if pairs:
+      kept, skipped = screen_prompts(pairs, run.experiment)
+      summary = prompts_file.skip_summary(skipped, len(pairs))
+      if not kept:
+        print(f'charred.evaluate: error: no prompt of {_PROMPTS_FILE.value} left to sample. '
+              f'{summary}', file=sys.stderr)
+        sys.exit(1)
+      if len(kept) < len(pairs):
+        print(summary, file=sys.stderr)
+      targets = prompts_targets(kept)
+      data = dataclasses.replace(data, targets=lambda split: targets)
+      result.update(prompts_file.skip_counts(skipped))
     for name, config in run.experiment.evaluators.items():
       if isinstance(config, evaluators.SampleEvalConfig):
         config = for_evaluate(config)
