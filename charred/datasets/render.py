@@ -31,6 +31,11 @@ ALL_FONTS = (
     "DejaVuSansMono-BoldOblique.ttf",
 )
 DEFAULT_TEMPLATE = 'A sign that says "{}".'
+# Placements: 'fixed', the left margin `x_offset` and the centre line +/- `y_jitter` (every
+# config before the realism ladder); 'anywhere', the realism ladder's (ladder.py): the text
+# anywhere it fits, with its own switches (background, rotation, held-out fonts).
+FIXED, ANYWHERE = "fixed", "anywhere"
+PLAIN, SCENE = "plain", "scene"
 _MIN_FONT_SIZE = 6
 
 
@@ -53,6 +58,16 @@ class RenderConfig:
     min_contrast: minimum |luma(text) - luma(background)| in [0, 1].
     colors: fixed (text, background) RGB colours instead of random ones (the random
       pair is still drawn, so every other style choice of an example stays the same).
+    placement: 'fixed' or 'anywhere' (ladder.py: uniform over every left offset that
+      keeps the text `margin` px inside and every vertical offset that keeps its ink
+      inside; `x_offset` and `y_jitter` are then unused). The fields below are read only
+      with 'anywhere'.
+    margin: the 'anywhere' text's minimum distance from the left and right edges.
+    background: 'plain' (one colour) or 'scene' (gradients, noise, shapes behind the text).
+    rotation: the text layer's maximum rotation in degrees (uniform in +/- that).
+    held_out_fonts: fonts of an evaluation split's held-out faces (set per split by
+      signs.SignsSource), drawn with `held_out_probability` instead of `fonts`.
+    held_out_probability: see `held_out_fonts`.
   """
   height: int = 32
   width: int = 128
@@ -64,6 +79,12 @@ class RenderConfig:
   template: str = DEFAULT_TEMPLATE
   min_contrast: float = 0.5
   colors: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
+  placement: str = FIXED
+  margin: int = 2
+  background: str = PLAIN
+  rotation: float = 0.0
+  held_out_fonts: tuple[str, ...] = ()
+  held_out_probability: float = 0.5
 
 
 def font_dir() -> str:
@@ -77,6 +98,14 @@ def available_fonts() -> list[str]:
 
 
 def font_path(name: str) -> str:
+  """The file of a DejaVu file name, or of a `calligraphy.FONTS` name (a fontpkg wheel's
+  face, e.g. 'caveat'); FileNotFoundError, one line, when it is missing."""
+  if not name.endswith((".ttf", ".otf", ".ttc")):
+    from charred.datasets import calligraphy  # pylint: disable=g-import-not-at-top
+    if name not in calligraphy.FONTS:
+      raise FileNotFoundError(f"Font {name!r} is neither a DejaVu file in {font_dir()} nor "
+                              f"one of calligraphy.FONTS {sorted(calligraphy.FONTS)}")
+    return calligraphy.font_path(name)
   path = os.path.join(font_dir(), name)
   if not os.path.isfile(path):
     raise FileNotFoundError(
@@ -140,8 +169,11 @@ def render(text: str, rng: np.random.Generator,
   Returns:
     image: uint8 [config.height, config.width, 3].
     style: the drawn font, font_size, x, y, text_color, background_color and
-      whether the text fits in the image.
+      whether the text fits in the image ('anywhere' placement: ladder.render's).
   """
+  if config.placement != FIXED:
+    from charred.datasets import ladder  # pylint: disable=g-import-not-at-top
+    return ladder.render(text, rng, config)
   font_name = config.fonts[int(rng.integers(len(config.fonts)))]
   size = int(rng.integers(config.font_size[0], config.font_size[1] + 1))
   x = int(rng.integers(config.x_offset[0], config.x_offset[1] + 1))
@@ -171,7 +203,10 @@ def render(text: str, rng: np.random.Generator,
 def glyph_boxes(text: str, style: dict[str, Any]) -> list[tuple[int, int, int, int]]:
   """(x0, y0, x1, y1) pixel box of each character of `text` as `render` drew it with
   `style`: its advance cell (kerning-free BASIC layout) over the whole line's ink height,
-  so every glyph of a line shares one vertical extent."""
+  so every glyph of a line shares one vertical extent. Styles that carry their boxes
+  ('anywhere' placement: widened to the glyph's ink, and rotated) give those."""
+  if "boxes" in style:
+    return [tuple(b) for b in style["boxes"]]
   font = load_font(style["font"], style["font_size"])
   x, y = style["x"], style["y"]
   _, top, _, bottom = font.getbbox(text, anchor="lm") if text else (0, 0, 0, 0)

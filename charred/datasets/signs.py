@@ -22,13 +22,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from charred import tokenizer as bytes_tokenizer
+from charred.datasets import ladder
 from charred.datasets import render as render_lib
 from charred.datasets import streams
 from charred.datasets import words as words_lib
 
-TRAIN, VALIDATION = "train", "validation"
+TRAIN, VALIDATION, TEST = "train", "validation", "test"
 # Examples of different splits are rendered from disjoint (seed, index) streams.
-SPLIT_OFFSETS = {TRAIN: 0, VALIDATION: 1 << 32}
+SPLIT_OFFSETS = {TRAIN: 0, VALIDATION: 1 << 32, TEST: 2 << 32}
 _WORD_ORDER, _PHRASE, _CURRICULUM = 0, 1, 2
 _BUCKET_RANK = {b: i for i, b in enumerate(words_lib.BUCKETS)}
 STRING_KEYS = ("caption", "text", "word", "frequency_bucket")
@@ -47,6 +48,11 @@ class SignsConfig:
       validation word once.
     phrase_probability: probability that an example shows two words of its
       split (a short phrase) rather than one.
+    num_test_examples: size of the test split (words.num_test > 0); None renders each
+      test word once.
+    validation_fonts: faces only the validation split draws (with the render
+      config's held_out_probability, else a training face); never in `render.fonts`.
+    test_fonts: the same for the test split.
   """
   render: render_lib.RenderConfig = render_lib.RenderConfig()
   words: words_lib.WordSplitConfig = words_lib.WordSplitConfig()
@@ -54,6 +60,9 @@ class SignsConfig:
   num_train_examples: int = 60000
   num_validation_examples: int | None = None
   phrase_probability: float = 0.0
+  num_test_examples: int | None = None
+  validation_fonts: tuple[str, ...] = ()
+  test_fonts: tuple[str, ...] = ()
 
 
 # Glyph placement is kept nearly fixed (one font size, 3-5 px left margin), so that the
@@ -89,7 +98,16 @@ BASE = SignsConfig(
     num_train_examples=500000,
     phrase_probability=0.25,
 )
-CONFIGS = {"tiny": TINY, "tiny_bw": TINY_BW, "tiny_grid": TINY_GRID, "tiny16": TINY16, "micro": MICRO, "base": BASE}
+# The realism ladder (issue 23; ladder.py): each rung adds one factor to the one below,
+# all with tiny_grid's validation words and a test split of 300 more (taken out of its
+# training words); faces are split from R2 on. R0 is tiny_grid itself.
+LADDER_WORDS = words_lib.WordSplitConfig(num_test=300)
+# R1: free placement: the word anywhere it fits (2 px from the sides, ink inside), same
+# font, size, colours, template and words as tiny_grid.
+R1 = SignsConfig(render=dataclasses.replace(TINY_GRID.render, placement=render_lib.ANYWHERE),
+                 words=LADDER_WORDS)
+CONFIGS = {"tiny": TINY, "tiny_bw": TINY_BW, "tiny_grid": TINY_GRID, "tiny16": TINY16,
+           "micro": MICRO, "base": BASE, "r0": TINY_GRID, "r1": R1}
 
 
 def get_config(name: str) -> SignsConfig:
@@ -137,6 +155,13 @@ def glyph_index_map(example: dict[str, Any]) -> np.ndarray:
   return out
 
 
+def text_box(example: dict[str, Any]) -> tuple[int, int, int, int]:
+  """(x0, y0, x1, y1): the drawn text's ink box, the union of its non-space glyph boxes."""
+  if "text_box" in example:
+    return tuple(example["text_box"])
+  return ladder.union_box(example["text"], render_lib.glyph_boxes(example["text"], example))
+
+
 def _per_character(index_map: np.ndarray, values: np.ndarray) -> np.ndarray:
   """`values` of the caption character at each pixel of `index_map`, -1 where none."""
   return np.where(index_map >= 0, values[np.maximum(index_map, 0)], -1).astype(np.int32)
@@ -155,12 +180,20 @@ class SignsSource:
     if split not in SPLIT_OFFSETS:
       raise ValueError(f"Unknown split {split!r}; expected one of {tuple(SPLIT_OFFSETS)}.")
     self.split = split
-    self.words = words_lib.word_splits(self.config.words)[split]
+    self.words = words_lib.word_splits(self.config.words).get(split, [])
+    if not self.words:
+      raise ValueError(f"This signs config has no {split} words (words.num_test=0).")
     self._pools: dict[int, list[str]] = {}  # max_length -> the words that short
     if split == TRAIN:
       self.num_examples = self.config.num_train_examples
-    else:
+    elif split == VALIDATION:
       self.num_examples = self.config.num_validation_examples or len(self.words)
+    else:
+      self.num_examples = self.config.num_test_examples or len(self.words)
+    self.render = split_render_config(self.config, split)
+    # Bad fonts fail here, when the config is first used, in one line.
+    ladder.check_fonts(self.render.fonts + self.render.held_out_fonts,
+                       split_alphabet(self.words), f"{split} words")
 
   def __len__(self) -> int:
     return self.num_examples
@@ -180,8 +213,9 @@ class SignsSource:
           [self.config.seed, SPLIT_OFFSETS[self.split] + index, _CURRICULUM])
       words = [pool[int(rng.integers(len(pool)))]] + words[1:]
     ex = render_lib.render_example(" ".join(words), self.config.seed,
-                                   SPLIT_OFFSETS[self.split] + index, self.config.render)
+                                   SPLIT_OFFSETS[self.split] + index, self.render)
     ex["frequency_bucket"] = phrase_bucket(words)
+    ex["text_box"] = text_box(ex)
     return ex
 
   def _words_up_to(self, max_length: int) -> list[str]:
@@ -191,6 +225,20 @@ class SignsSource:
         raise ValueError(f"No {self.split} word has at most {max_length} letters.")
       self._pools[max_length] = pool
     return self._pools[max_length]
+
+
+def split_render_config(config: SignsConfig, split: str) -> render_lib.RenderConfig:
+  """The render config of `split`: an evaluation split's held-out faces added."""
+  held_out = {VALIDATION: config.validation_fonts, TEST: config.test_fonts}.get(split, ())
+  if not held_out:
+    return config.render
+  return dataclasses.replace(config.render, held_out_fonts=tuple(held_out))
+
+
+def split_alphabet(split_words) -> str:
+  """Every character the words of a split can be drawn with (any case)."""
+  chars = set("".join(split_words))
+  return "".join(sorted(chars | {c.upper() for c in chars}))
 
 
 def curriculum_max_length(position: int, ramp: int, min_length: int, max_length: int) -> int:
@@ -220,7 +268,8 @@ def encode_captions(captions, text_length: int, tokenizer=None):
 def make_batch(examples: list[dict[str, Any]], text_length: int, tokenizer=None,
                glyph_tokens: bool = True) -> dict[str, np.ndarray]:
   """Model inputs of `examples`: image float32 [B,H,W,3] in [-1, 1], text_tokens and
-  text_mask int32 [B,L], the string features, and int32 [B,H,W] per-pixel targets from
+  text_mask int32 [B,L], the string features, text_box int32 [B, 4] (the text's
+  (x0, y0, x1, y1) box), and int32 [B,H,W] per-pixel targets from
   `glyph_index_map`: glyph_tokens, the caption token of the glyph there (-1 also for
   tokens cut off by truncation), and glyph_chars, its character's first UTF-8 byte (a
   character head's target, the same for any tokenizer); and int32 [B] blank_tokens, the
@@ -231,6 +280,8 @@ def make_batch(examples: list[dict[str, Any]], text_length: int, tokenizer=None,
       "image": np.stack([ex["image"] for ex in examples]).astype(np.float32) / 127.5 - 1.0,
       "text_tokens": tokens, "text_mask": mask,
       **{k: np.array([ex[k] for ex in examples]) for k in STRING_KEYS},
+      # The drawn text's ink box, (x0, y0, x1, y1) pixels.
+      "text_box": np.array([text_box(ex) for ex in examples], np.int32).reshape(-1, 4),
   }
   if glyph_tokens:
     index_maps = [glyph_index_map(ex) for ex in examples]  # the boxes, once per example

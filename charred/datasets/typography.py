@@ -64,9 +64,17 @@ class TypographyConfig(tfds.core.BuilderConfig):
 
 
 def _from_signs(config: signs.SignsConfig, **kwargs) -> TypographyConfig:
-  """The TFDS config storing a plain-signs config (`signs.py` renders the same on the fly)."""
-  return TypographyConfig(
-      **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, **kwargs)
+  """The TFDS config storing a plain-signs config (`signs.py` renders the same on the fly).
+  The realism ladder's fields (test split, held-out faces, templates) are signs-only:
+  a config that sets one is refused rather than stored without it."""
+  known = {f.name for f in dataclasses.fields(TypographyConfig)}
+  extra = [f.name for f in dataclasses.fields(config)
+           if f.name not in known and getattr(config, f.name) != f.default]
+  if extra:
+    raise ValueError(f"The TFDS builder cannot store signs fields {extra}; render it with "
+                     "signs.py (DataConfig.source='render').")
+  return TypographyConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                             if f.name in known}, **kwargs)
 
 
 # Plain signs: see signs.py for what each varies.

@@ -1,4 +1,4 @@
-"""Deterministic train/validation word lists for the typography data.
+"""Deterministic train/validation(/test) word lists for the typography data.
 
 Real words come from wordfreq's English frequency list so that evaluation can
 bucket spelling accuracy by frequency as DrawText does; random lowercase
@@ -19,7 +19,7 @@ import wordfreq
 _LANG = "en"
 _LETTERS = np.array(list(string.ascii_lowercase))
 # Tags that separate the random streams drawn from one seed.
-_SHUFFLE, _VALIDATION, _RANDOM = 0, 1, 2
+_SHUFFLE, _VALIDATION, _RANDOM, _TEST = 0, 1, 2, 3
 
 # DrawText-style frequency buckets by Zipf frequency (log10 per 1e9 words).
 FREQUENT, COMMON, RARE, UNSEEN = "frequent", "common", "rare", "unseen"
@@ -40,8 +40,12 @@ class WordSplitConfig:
     train_random_fraction: the train split's fraction instead, when not None; the
       validation words stay those of `random_fraction`, so arms that train on
       different mixes are scored on the same held-out words.
-    train_only: words never drawn for validation because caption templates
-      contain them, so every training caption would show them.
+    train_only: words never drawn for validation (nor test) because caption
+      templates contain them, so every training caption would show them.
+    num_test: number of test words (real + random, `random_fraction` of them random),
+      taken out of what would be the train list after the validation draw, so that
+      train and validation of num_test=0 are untouched and validation is the same
+      words for every num_test. Test words are never used for a choice.
   """
   seed: int = 0
   vocabulary_size: int = 30000
@@ -51,6 +55,7 @@ class WordSplitConfig:
   random_fraction: float = 0.2
   train_random_fraction: float | None = None
   train_only: tuple[str, ...] = ("sign", "that", "says")
+  num_test: int = 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,7 +102,8 @@ def _random_strings(rng: np.random.Generator, n: int, config: WordSplitConfig,
 
 
 @functools.lru_cache(maxsize=None)
-def _word_splits(config: WordSplitConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _word_splits(config: WordSplitConfig
+                 ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
   if not 0.0 <= config.random_fraction < 1.0:
     raise ValueError(f"random_fraction must be in [0, 1), got {config.random_fraction}.")
   train_fraction = (config.random_fraction if config.train_random_fraction is None
@@ -145,10 +151,45 @@ def _word_splits(config: WordSplitConfig) -> tuple[tuple[str, ...], tuple[str, .
   overlap = {w.lower() for w in train} & {w.lower() for w in validation}
   if overlap:  # Guaranteed by construction; checked because evaluation relies on it.
     raise RuntimeError(f"train/validation overlap: {sorted(overlap)[:10]}")
-  return tuple(train), tuple(validation)
+  test = []
+  if config.num_test:
+    train, test = _test_split(config, train, train_real, train_random)
+  overlap = {w.lower() for w in test} & ({w.lower() for w in train} |
+                                         {w.lower() for w in validation})
+  if overlap:
+    raise RuntimeError(f"test overlaps train or validation: {sorted(overlap)[:10]}")
+  return tuple(train), tuple(validation), tuple(test)
+
+
+def _test_split(config: WordSplitConfig, train: list[str], train_real: list[str],
+                train_random: list[str]) -> tuple[list[str], list[str]]:
+  """(train without the test words, test words): real words one per frequency-rank
+  stratum of the train real words (none of `train_only`), random strings drawn from the
+  train ones, in the validation draw's proportions; train keeps its order."""
+  num_random = int(round(config.num_test * config.random_fraction))
+  num_real = config.num_test - num_random
+  if num_real >= len(train_real) // 2 or num_random > len(train_random) // 2:
+    raise ValueError(f"num_test={config.num_test} is too large for {len(train_real)} "
+                     f"train words.")
+  rng = np.random.default_rng([config.seed, _TEST])
+  train_only = {w.lower() for w in config.train_only}
+  edges = np.linspace(0, len(train_real), num_real + 1).astype(int)
+  picked = []
+  for lo, hi in zip(edges[:-1], edges[1:]):
+    candidates = [i for i in range(lo, hi) if train_real[i] not in train_only]
+    picked.append(train_real[candidates[int(rng.integers(len(candidates)))]])
+  picked += [train_random[i] for i in sorted(
+      rng.choice(len(train_random), size=num_random, replace=False))]
+  test = [picked[i] for i in rng.permutation(len(picked))]
+  held = set(test)
+  return [w for w in train if w not in held], test
 
 
 def word_splits(config: WordSplitConfig = WordSplitConfig()) -> dict[str, list[str]]:
-  """Returns {'train': [...], 'validation': [...]}: lowercase, disjoint, shuffled per seed."""
-  train, validation = _word_splits(config)
-  return {"train": list(train), "validation": list(validation)}
+  """Returns {'train': [...], 'validation': [...]} and, with `config.num_test`, 'test':
+  lowercase, disjoint, shuffled per seed."""
+  train, validation, test = _word_splits(config)
+  out = {"train": list(train), "validation": list(validation)}
+  if config.num_test:
+    out["test"] = list(test)
+  return out

@@ -1,0 +1,158 @@
+"""The realism ladder (issue 23; datasets/ladder.py, signs.CONFIGS 'r1'..'r4')."""
+import dataclasses
+import hashlib
+
+import numpy as np
+import pytest
+
+from charred.datasets import render, signs
+from charred.datasets import words as words_lib
+
+RUNGS = [name for name in ('r1', 'r2', 'r3', 'r4') if name in signs.CONFIGS]
+SPLITS = ('train', 'validation', 'test')
+
+
+def _r0_digest(name, split, n=8):
+  src = signs.SignsSource(name, split)
+  h = hashlib.sha256()
+  for i in range(n):
+    ex = src[i]
+    h.update(ex['image'].tobytes())
+    h.update(ex['caption'].encode())
+    h.update(repr([ex['x'], ex['y'], ex['font'], ex['font_size']]).encode())
+    h.update(np.asarray(signs.glyph_index_map(ex)).tobytes())
+  return h.hexdigest()[:16]
+
+
+# Computed with this same digest from the code before the ladder (commit 754aec5, the
+# parent of 'ladder R1'): the first 8 examples of each split, pixels, captions, placement
+# and glyph boxes. The ladder must not move a pixel of the configs before it.
+BEFORE_THE_LADDER = {
+    'tiny_grid': {'train': '5b6cf2be844753b2', 'validation': '563f5d3c0b5b924a'},
+    'tiny': {'train': 'e904c663795c64c6', 'validation': '81cbf377d663156b'},
+    'tiny_bw': {'train': 'dea0fd70dbb3c1cc', 'validation': '2ec85f2346f044df'},
+    'tiny16': {'train': 'd12923630dcd3c63', 'validation': 'eefc6388fd0a4604'},
+    'micro': {'train': '08620116c64fada4', 'validation': '6b592b23e7ababd9'},
+    'base': {'train': '2d3b1b77358ffa78', 'validation': '8b070ca59c790e86'},
+}
+
+
+@pytest.mark.parametrize('name', sorted(BEFORE_THE_LADDER))
+def test_configs_before_the_ladder_render_the_same_pixels(name):
+  got = {split: _r0_digest(name, split) for split in ('train', 'validation')}
+  assert got == BEFORE_THE_LADDER[name]
+
+
+def test_r0_is_tiny_grid():
+  assert signs.CONFIGS['r0'] is signs.TINY_GRID
+
+
+@pytest.mark.parametrize('name', RUNGS)
+def test_deterministic_by_index(name):
+  for split in SPLITS:
+    a, b = signs.SignsSource(name, split), signs.SignsSource(name, split)
+    for i in (0, 1, 7):
+      np.testing.assert_array_equal(a[i]['image'], b[i]['image'])
+      assert a[i]['caption'] == b[i]['caption']
+      assert a[i]['text_box'] == b[i]['text_box']
+    assert not np.array_equal(a[0]['image'], a[1]['image'])
+
+
+def _ink(ex):
+  """Pixels the text drew: the renderer's coverage mask."""
+  return ex['text_mask']
+
+
+@pytest.mark.parametrize('name', RUNGS)
+def test_glyph_boxes_cover_the_ink(name):
+  inside = total = 0
+  src = signs.SignsSource(name, 'train')
+  for i in range(50):
+    ex = src[i]
+    index_map = signs.glyph_index_map(ex)
+    ink = _ink(ex)
+    if name in ('r1', 'r2'):  # Plain background: every pixel off it is text.
+      off_paper = np.any(ex['image'] != np.asarray(ex['background_color'], np.uint8), -1)
+      ink = off_paper
+    inside += int((ink & (index_map >= 0)).sum())
+    total += int(ink.sum())
+    x0, y0, x1, y1 = ex['text_box']
+    ys, xs = np.nonzero(index_map >= 0)
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
+  assert total and inside / total >= 0.99, inside / total
+
+
+@pytest.mark.parametrize('name', RUNGS)
+def test_held_out_words_and_fonts_never_train(name):
+  config = signs.CONFIGS[name]
+  splits = words_lib.word_splits(config.words)
+  held_out = {w.lower() for s in ('validation', 'test') for w in splits[s]}
+  assert held_out and not held_out & {w.lower() for w in splits['train']}
+  held_fonts = set(config.validation_fonts) | set(config.test_fonts)
+  assert not {f.lower() for f in held_fonts} & {f.lower() for f in config.render.fonts}
+  assert not set(config.validation_fonts) & set(config.test_fonts)
+  src = signs.SignsSource(name, 'train')
+  for i in range(300):
+    ex = src[i]
+    tokens = {t.strip('.,!?:;-&"\'').lower() for t in ex['caption'].split()}
+    assert not tokens & held_out, (ex['caption'], tokens & held_out)
+    assert ex['font'] not in held_fonts
+
+
+def test_validation_words_are_tiny_grids():
+  ladder = words_lib.word_splits(signs.CONFIGS['r1'].words)
+  grid = words_lib.word_splits(signs.TINY_GRID.words)
+  assert ladder['validation'] == grid['validation']
+  assert len(ladder['test']) == 300 and set(ladder['train']) < set(grid['train'])
+
+
+def test_r1_places_the_word_anywhere():
+  src = signs.SignsSource('r1', 'train')
+  boxes = np.array([src[i]['text_box'] for i in range(200)])
+  width, height = src.config.render.width, src.config.render.height
+  assert boxes[:, 0].min() <= 4 and boxes[:, 2].max() >= width - 4  # left and right edges
+  assert boxes[:, 0].max() >= width // 2  # short words start past the middle
+  assert boxes[:, 1].min() <= 2 and boxes[:, 3].max() >= height - 2
+  assert boxes[:, 0].min() >= 2 and boxes[:, 2].max() <= width - 2  # the 2 px margin
+  ex = src[0]
+  assert ex['font_size'] == 20 and ex['font'] in render.MONO_FONTS
+  assert ex['caption'] == f'A sign that says "{ex["text"]}".'
+
+
+@pytest.mark.parametrize('name', RUNGS)
+def test_batches_carry_the_text_box(name):
+  src = signs.SignsSource(name, 'validation')
+  examples = [src[i] for i in range(3)]
+  batch = signs.make_batch(examples, 96 if name == 'r4' else 32)
+  assert batch['text_box'].dtype == np.int32 and batch['text_box'].shape == (3, 4)
+  np.testing.assert_array_equal(batch['text_box'], [ex['text_box'] for ex in examples])
+  assert signs.rendering_targets(name, 'test')[0]['text']
+
+
+def test_text_box_of_a_fixed_placement_example():
+  ex = signs.SignsSource('tiny_grid', 'train')[0]
+  x0, y0, x1, y1 = ex['text_box']
+  assert (x0, x1) == (4, 4 + 12 * len(ex['text']))
+  assert signs.make_batch([ex], 32)['text_box'].tolist() == [[x0, y0, x1, y1]]
+
+
+def test_a_missing_font_fails_in_one_line_when_the_config_is_used():
+  config = dataclasses.replace(signs.CONFIGS['r1'], render=dataclasses.replace(
+      signs.CONFIGS['r1'].render, fonts=('NoSuchFont.ttf',)))
+  with pytest.raises(FileNotFoundError) as error:
+    signs.SignsSource(config, 'train')
+  assert 'NoSuchFont.ttf' in str(error.value) and '\n' not in str(error.value)
+
+
+def test_a_font_without_a_glyph_fails_in_one_line_naming_it():
+  # Kalam (a wheel face) has Latin; ask for a letter no font here has.
+  from charred.datasets import ladder  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError) as error:
+    ladder.check_fonts(('DejaVuSansMono.ttf',), 'ab\U0001F99C', 'the test')
+  message = str(error.value)
+  assert 'DejaVuSansMono.ttf' in message and "'\U0001F99C'" in message and '\n' not in message
+
+
+def test_no_test_split_without_test_words():
+  with pytest.raises(ValueError, match='no test words'):
+    signs.SignsSource('tiny_grid', 'test')
