@@ -156,3 +156,20 @@ def test_a_font_without_a_glyph_fails_in_one_line_naming_it():
 def test_no_test_split_without_test_words():
   with pytest.raises(ValueError, match='no test words'):
     signs.SignsSource('tiny_grid', 'test')
+
+
+def test_r2_draws_proportional_faces_at_sizes_varying_twofold():
+  src = signs.SignsSource('r2', 'train')
+  examples = [src[i] for i in range(200)]
+  fonts = {ex['font'] for ex in examples}
+  from charred.datasets import ladder  # pylint: disable=g-import-not-at-top
+  assert {ladder.family(f) for f in fonts} == set(ladder.FAMILIES)
+  assert len(fonts) >= 8
+  heights = [ex['text_box'][3] - ex['text_box'][1] for ex in examples]
+  sizes = [ex['font_size'] for ex in examples]
+  assert max(sizes) >= 2 * min(sizes) and max(heights) >= 2 * min(heights)
+  sans = render.load_font('DejaVuSans.ttf', 20)
+  assert sans.getlength('m') > 1.5 * sans.getlength('i')  # proportional advances
+  held = [signs.SignsSource('r2', s)[i]['font'] for s in ('validation', 'test')
+          for i in range(40)]
+  assert 'DejaVuSerif-Italic.ttf' in held and 'DejaVuSans-BoldOblique.ttf' in held

@@ -106,8 +106,19 @@ LADDER_WORDS = words_lib.WordSplitConfig(num_test=300)
 # font, size, colours, template and words as tiny_grid.
 R1 = SignsConfig(render=dataclasses.replace(TINY_GRID.render, placement=render_lib.ANYWHERE),
                  words=LADDER_WORDS)
+# R2: + fonts and sizes: proportional DejaVu Sans and Serif, Sans Mono, in regular, bold
+# and oblique/italic, and a handwriting face (Caveat, from its fontpkg wheel), at 10-22 px
+# (glyph heights vary > 2x). One face is held out for validation and another for test
+# (each drawn for half of its split's examples, a training face for the other half).
+R2_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf",
+            "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-BoldItalic.ttf",
+            "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
+            "caveat")
+R2 = dataclasses.replace(
+    R1, render=dataclasses.replace(R1.render, fonts=R2_FONTS, font_size=(10, 22)),
+    validation_fonts=("DejaVuSerif-Italic.ttf",), test_fonts=("DejaVuSans-BoldOblique.ttf",))
 CONFIGS = {"tiny": TINY, "tiny_bw": TINY_BW, "tiny_grid": TINY_GRID, "tiny16": TINY16,
-           "micro": MICRO, "base": BASE, "r0": TINY_GRID, "r1": R1}
+           "micro": MICRO, "base": BASE, "r0": TINY_GRID, "r1": R1, "r2": R2}
 
 
 def get_config(name: str) -> SignsConfig:
