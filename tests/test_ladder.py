@@ -173,3 +173,18 @@ def test_r2_draws_proportional_faces_at_sizes_varying_twofold():
   held = [signs.SignsSource('r2', s)[i]['font'] for s in ('validation', 'test')
           for i in range(40)]
   assert 'DejaVuSerif-Italic.ttf' in held and 'DejaVuSans-BoldOblique.ttf' in held
+
+
+def test_r3_colours_backgrounds_and_rotation():
+  src = signs.SignsSource('r3', 'train')
+  examples = [src[i] for i in range(100)]
+  angles = [ex['angle'] for ex in examples]
+  assert max(abs(a) for a in angles) <= 5.0 and max(angles) > 3 and min(angles) < -3
+  for ex in examples:
+    assert abs(render.luma(ex['text_color']) - render.luma(ex['background_color'])) >= 0.5
+  # Not plain: most backgrounds show more than a handful of colours away from the text.
+  busy = sum(len(np.unique(ex['image'][~ex['text_mask']].reshape(-1, 3), axis=0)) > 50
+             for ex in examples)
+  assert busy >= 50
+  text_colours = {ex['text_color'] for ex in examples}
+  assert len(text_colours) >= 90

@@ -117,8 +117,14 @@ R2_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf",
 R2 = dataclasses.replace(
     R1, render=dataclasses.replace(R1.render, fonts=R2_FONTS, font_size=(10, 22)),
     validation_fonts=("DejaVuSerif-Italic.ttf",), test_fonts=("DejaVuSans-BoldOblique.ttf",))
+# R3: + colour and background: random text and background colours at least 0.5 apart in
+# luma, linear gradients, 0-3 rectangles or ellipses and noise behind the text (every
+# background colour on the same side of the text's luma, >= 0.4 from it), and the text
+# layer rotated by up to +/- 5 degrees (glyph boxes: the rotated cells' bounds).
+R3 = dataclasses.replace(R2, render=dataclasses.replace(
+    R2.render, colors=None, min_contrast=0.5, background=render_lib.SCENE, rotation=5.0))
 CONFIGS = {"tiny": TINY, "tiny_bw": TINY_BW, "tiny_grid": TINY_GRID, "tiny16": TINY16,
-           "micro": MICRO, "base": BASE, "r0": TINY_GRID, "r1": R1, "r2": R2}
+           "micro": MICRO, "base": BASE, "r0": TINY_GRID, "r1": R1, "r2": R2, "r3": R3}
 
 
 def get_config(name: str) -> SignsConfig:
