@@ -1,6 +1,7 @@
 """The realism ladder (issue 23; datasets/ladder.py, signs.CONFIGS 'r1'..'r4')."""
 import dataclasses
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -94,9 +95,13 @@ def test_held_out_words_and_fonts_never_train(name):
   src = signs.SignsSource(name, 'train')
   for i in range(300):
     ex = src[i]
-    tokens = {t.strip('.,!?:;-&"\'').lower() for t in ex['caption'].split()}
+    tokens = set(re.findall('[a-z]+', ex['caption'].lower()))
     assert not tokens & held_out, (ex['caption'], tokens & held_out)
     assert ex['font'] not in held_fonts
+    if config.language is not None:
+      held_templates = config.language.validation_templates + config.language.test_templates
+      assert ex['template'] in config.language.templates
+      assert ex['template'].lower() not in {t.lower() for t in held_templates}
 
 
 def test_validation_words_are_tiny_grids():
@@ -188,3 +193,53 @@ def test_r3_colours_backgrounds_and_rotation():
   assert busy >= 50
   text_colours = {ex['text_color'] for ex in examples}
   assert len(text_colours) >= 90
+
+
+def test_r4_language():
+  config = signs.CONFIGS['r4']
+  from charred.datasets import ladder, palette  # pylint: disable=g-import-not-at-top
+  language = config.language
+  assert len(language.templates) >= 8 and len(language.validation_templates) >= 2
+  assert len(language.test_templates) >= 2
+  assert not set(language.templates) & set(language.validation_templates + language.test_templates)
+  assert not set(language.validation_templates) & set(language.test_templates)
+  assert (config.render.height, config.render.width) == (64, 256)
+  templates = {}
+  lengths, counts = [], []
+  for split, n in (('train', 300), ('validation', 100), ('test', 100)):
+    src = signs.SignsSource('r4', split)
+    for i in range(n):
+      ex = src[i]
+      caption, text = ex['caption'], ex['text']
+      assert len(caption.encode()) <= 95 and '"' not in text
+      assert caption.count('"') == 2 and caption.split('"')[1] == text
+      assert caption == ex['template'].format(text, colour=ex['colour'],
+                                              style=ladder.STYLE_WORDS[ex['family']])
+      assert 1 <= len(text) <= 12
+      tokens = [t for t in re.split(r'[ &-]+', text.strip('.!?:')) if t]
+      assert 1 <= len(tokens) <= 3
+      if split != 'train':
+        assert any(w == src.words[i % len(src.words)] for w in ex['words'])
+      if '{colour}' in ex['template']:
+        assert tuple(ex['text_color']) == palette.COLOURS[ex['colour']]
+      want = ladder.template_family(ex['template'])
+      if want:
+        assert ex['family'] == want
+      assert ladder.family(ex['font']) == ex['family']
+      templates.setdefault(split, set()).add(ex['template'])
+      lengths.append(len(text))
+      counts.append(len(tokens))
+  assert templates['train'] <= set(language.templates)
+  assert set(language.validation_templates) <= templates['validation']
+  assert set(language.test_templates) <= templates['test']
+  assert min(lengths) <= 3 and max(lengths) == 12 and set(counts) == {1, 2, 3}
+  assert any(c.isdigit() for c in ''.join(ex['text'] for ex in [src[i] for i in range(50)]))
+
+
+def test_a_template_without_one_quoted_text_is_refused():
+  from charred.datasets import ladder  # pylint: disable=g-import-not-at-top
+  bad = ladder.LanguageConfig(templates=('A sign that says {}.',))
+  with pytest.raises(ValueError, match='quote'):
+    bad.check()
+  with pytest.raises(ValueError, match='quote'):
+    signs.SignsSource(dataclasses.replace(signs.CONFIGS['r4'], language=bad), 'train')

@@ -81,3 +81,19 @@ def test_invalid_config():
     words.word_splits(words.WordSplitConfig(vocabulary_size=100, num_validation=200))
   with pytest.raises(ValueError):
     words.word_splits(words.WordSplitConfig(random_fraction=1.0))
+
+
+def test_test_split_comes_out_of_train_and_leaves_validation_alone():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  plain = words.word_splits(CONFIG)
+  assert "test" not in plain  # num_test=0: the splits every earlier config had
+  with_test = words.word_splits(dataclasses.replace(CONFIG, num_test=100))
+  test = with_test["test"]
+  assert len(test) == len(set(test)) == 100
+  assert with_test["validation"] == plain["validation"]
+  assert with_test["train"] == [w for w in plain["train"] if w not in set(test)]
+  lowered = {w.lower() for w in test}
+  assert not lowered & {w.lower() for w in with_test["train"] + with_test["validation"]}
+  assert not lowered & set(CONFIG.train_only)
+  buckets = collections.Counter(words.frequency_bucket(w) for w in test)
+  assert buckets[words.UNSEEN] == 20 and len(buckets) >= 3  # random_fraction, all buckets

@@ -36,6 +36,7 @@ STYLE_WORDS = {SANS: "sans-serif", SERIF: "serif", MONO: "monospaced",
 _MIN_FONT_SIZE = 6
 # Canvas padding around the image while the text layer is drawn and rotated.
 _PAD = 64
+_LANGUAGE = 3  # Tags R4's text and template stream of an example's (seed, index).
 
 
 def family(font: str) -> str:
@@ -253,3 +254,172 @@ def union_box(text: str, boxes) -> tuple[int, int, int, int]:
   kept = np.asarray(kept)
   return (int(kept[:, 0].min()), int(kept[:, 1].min()), int(kept[:, 2].max()),
           int(kept[:, 3].max()))
+
+
+# --- Language (R4): templates, several words, digits and punctuation. ---
+
+# Every template quotes the drawn text exactly once, in ASCII double quotes, and the text
+# never contains one: models count letter positions from the opening quote. {colour}
+# names the text's palette colour, {style} its family (STYLE_WORDS); a template that
+# says 'handwritten' (or 'serif', ...) outright draws that family.
+TRAIN_TEMPLATES = (
+    'A sign that says "{}".',
+    'A poster with the words "{}".',
+    'It says "{}".',
+    'A photo of a shop sign reading "{}".',
+    'Text: "{}"',
+    'The text "{}" in {colour} letters.',
+    '"{}" written in {colour} on a sign.',
+    'The words "{}" in a {style} font.',
+    'A handwritten note that says "{}".',
+    'A label reading "{}", {style} and {colour}.',
+)
+VALIDATION_TEMPLATES = (
+    'A board that reads "{}".',
+    'A card with "{}" printed in {colour}.',
+)
+TEST_TEMPLATES = (
+    'A banner that shows "{}" in a {style} font.',
+    'The picture shows the text "{}".',
+)
+DIGITS = string.digits
+END_PUNCTUATION = ".!?:"
+JOINERS = (" ", "-", " & ")
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageConfig:
+  """How R4 writes texts and captions.
+
+  Attributes:
+    templates: the training templates.
+    validation_templates: templates only the validation split draws (with
+      `held_out_probability`, else a training one); never in `templates`.
+    test_templates: the same for the test split.
+    held_out_probability: see `validation_templates`.
+    max_words: most tokens (words or numbers) in a text; the split's word of the
+      example is always one of them.
+    max_length: longest text in characters (a token that would pass it is left out).
+    number_probability: probability that a further token is a number (1-4 digits).
+    numbers_only_probability: probability that a training text is one number alone.
+    joiner_weights: weights of a space, a hyphen and ' & ' between tokens.
+    punctuation_probability: probability of one of END_PUNCTUATION at the end.
+    max_caption_bytes: captions longer than this (UTF-8) are refused.
+  """
+  templates: tuple[str, ...] = TRAIN_TEMPLATES
+  validation_templates: tuple[str, ...] = VALIDATION_TEMPLATES
+  test_templates: tuple[str, ...] = TEST_TEMPLATES
+  held_out_probability: float = 0.5
+  max_words: int = 3
+  max_length: int = 12
+  number_probability: float = 0.2
+  numbers_only_probability: float = 0.03
+  joiner_weights: tuple[float, float, float] = (0.8, 0.1, 0.1)
+  punctuation_probability: float = 0.25
+  max_caption_bytes: int = 95
+
+  def split_templates(self, split: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the templates every split draws, the split's held-out ones)."""
+    return self.templates, {"validation": self.validation_templates,
+                            "test": self.test_templates}.get(split, ())
+
+  @property
+  def alphabet(self) -> str:
+    return DIGITS + END_PUNCTUATION + "".join(JOINERS)
+
+  def check(self) -> None:
+    """Raises ValueError unless every template quotes its text once, the splits are
+    disjoint and the longest caption fits `max_caption_bytes`."""
+    all_templates = self.templates + self.validation_templates + self.test_templates
+    if len({t.lower() for t in all_templates}) != len(all_templates):
+      raise ValueError("Caption templates repeat across splits.")
+    longest_colour = max(palette.NAMES, key=len)
+    longest_style = max(STYLE_WORDS.values(), key=len)
+    for t in all_templates:
+      if t.count('"') != 2 or t.count('"{}"') != 1:
+        raise ValueError(f"Template {t!r} must quote its text exactly once: \"{{}}\".")
+      caption = t.format("x" * self.max_length, colour=longest_colour, style=longest_style)
+      if len(caption.encode("utf-8")) > self.max_caption_bytes:
+        raise ValueError(f"Template {t!r} makes captions over {self.max_caption_bytes} "
+                         "bytes.")
+
+
+def template_family(template: str) -> str | None:
+  """The family a template's own words ask for ('handwritten' -> handwriting), if any."""
+  lowered = template.lower()
+  for fam in (HANDWRITING, MONO, SANS, SERIF):  # 'sans-serif' before 'serif'
+    if STYLE_WORDS[fam] in lowered:
+      return fam
+  return None
+
+
+def _number(rng: np.random.Generator) -> str:
+  return str(int(rng.integers(0, 10 ** int(rng.integers(1, 5)))))
+
+
+def compose(config: LanguageConfig, rng: np.random.Generator, split: str, word: str,
+            split_words: Sequence[str]) -> tuple[str, list[str]]:
+  """(lowercase text of 1-`max_words` tokens, its words from the split): `word` and
+  maybe further words of the split or numbers, joined by spaces, hyphens or ' & ',
+  maybe with closing punctuation; at most `max_length` characters."""
+  if split == "train" and rng.random() < config.numbers_only_probability:
+    text = _number(rng)
+    return (text + END_PUNCTUATION[int(rng.integers(len(END_PUNCTUATION)))]
+            if rng.random() < config.punctuation_probability else text), []
+  tokens, words = [word], [word]
+  num_tokens = int(rng.integers(1, config.max_words + 1))
+  joiner = JOINERS[render_lib._choice(rng, config.joiner_weights)]  # pylint: disable=protected-access
+  for _ in range(num_tokens - 1):
+    if rng.random() < config.number_probability:
+      token = _number(rng)
+    else:
+      token = split_words[int(rng.integers(len(split_words)))]
+    at = int(rng.integers(len(tokens) + 1))
+    candidate = tokens[:at] + [token] + tokens[at:]
+    if len(joiner.join(candidate)) <= config.max_length:
+      tokens = candidate
+      if token.isalpha():
+        words.append(token)
+  text = joiner.join(tokens)
+  if rng.random() < config.punctuation_probability and len(text) < config.max_length:
+    text += END_PUNCTUATION[int(rng.integers(len(END_PUNCTUATION)))]
+  return text, words
+
+
+def example(config: LanguageConfig, render_config: render_lib.RenderConfig, seed: int,
+            index: int, split: str, word: str, split_words: Sequence[str]
+            ) -> dict[str, Any]:
+  """R4's example `index` (the split's offset included) for the split's `word`: the
+  text (`compose`), a template of the split (held-out ones with their probability), the
+  palette colour or family it names, then case and rendering as `render.render_example`
+  draws them. Keys: render_example's, plus template, colour (the named palette colour
+  or ''), family (the font's) and words (the split words shown)."""
+  rng = np.random.default_rng([seed, index, _LANGUAGE])
+  text, words = compose(config, rng, split, word, split_words)
+  seen, held_out = config.split_templates(split)
+  pool = held_out if held_out and rng.random() < config.held_out_probability else seen
+  template = pool[int(rng.integers(len(pool)))]
+  colour = palette.NAMES[int(rng.integers(len(palette.NAMES)))] if "{colour}" in template else ""
+  want = template_family(template)
+  if "{style}" in template:
+    fams = sorted({family(f) for f in _split_fonts(render_config)})
+    want = fams[int(rng.integers(len(fams)))]
+  render_rng = np.random.default_rng([seed, index])
+  case = render_lib.CASES[render_lib._choice(render_rng, render_config.case_weights)]  # pylint: disable=protected-access
+  text = render_lib.cased(text, case)
+  image, style = render(text, render_rng, render_config,
+                        text_colour=palette.COLOURS[colour] if colour else None,
+                        want_family=want)
+  caption = template.format(text, colour=colour, style=STYLE_WORDS[family(style["font"])])
+  if '"' in text or caption.count('"') != 2:
+    raise ValueError(f"Caption {caption!r} must quote its text once.")
+  if len(caption.encode("utf-8")) > config.max_caption_bytes:
+    raise ValueError(f"Caption {caption!r} is over {config.max_caption_bytes} bytes.")
+  return dict(image=image, caption=caption, text=text, word=text.lower(), case=case,
+              template=template, colour=colour, family=family(style["font"]),
+              words=words, **style)
+
+
+def _split_fonts(config: render_lib.RenderConfig) -> tuple[str, ...]:
+  """Every face a split can draw: its training faces and held-out ones."""
+  return tuple(config.fonts) + tuple(config.held_out_fonts)

@@ -53,6 +53,8 @@ class SignsConfig:
     validation_fonts: faces only the validation split draws (with the render
       config's held_out_probability, else a training face); never in `render.fonts`.
     test_fonts: the same for the test split.
+    language: R4's templates, several words, digits and punctuation (ladder.py);
+      None: one word of the split in `render.template`.
   """
   render: render_lib.RenderConfig = render_lib.RenderConfig()
   words: words_lib.WordSplitConfig = words_lib.WordSplitConfig()
@@ -63,6 +65,7 @@ class SignsConfig:
   num_test_examples: int | None = None
   validation_fonts: tuple[str, ...] = ()
   test_fonts: tuple[str, ...] = ()
+  language: ladder.LanguageConfig | None = None
 
 
 # Glyph placement is kept nearly fixed (one font size, 3-5 px left margin), so that the
@@ -123,8 +126,16 @@ R2 = dataclasses.replace(
 # layer rotated by up to +/- 5 degrees (glyph boxes: the rotated cells' bounds).
 R3 = dataclasses.replace(R2, render=dataclasses.replace(
     R2.render, colors=None, min_contrast=0.5, background=render_lib.SCENE, rotation=5.0))
+# R4: + language, at 64x256 (20-44 px): 10 training caption templates (some naming the
+# text's palette colour or its font family, which the image then shows), 2 more for
+# validation and 2 for test; texts of 1-3 tokens (the split's word, further words,
+# numbers), joined by spaces, hyphens or ' & ', maybe with closing punctuation, 1-12
+# characters; captions of at most 95 bytes (text_length 96 with EOS).
+R4 = dataclasses.replace(R3, render=dataclasses.replace(
+    R3.render, height=64, width=256, font_size=(20, 44)), language=ladder.LanguageConfig())
 CONFIGS = {"tiny": TINY, "tiny_bw": TINY_BW, "tiny_grid": TINY_GRID, "tiny16": TINY16,
-           "micro": MICRO, "base": BASE, "r0": TINY_GRID, "r1": R1, "r2": R2, "r3": R3}
+           "micro": MICRO, "base": BASE, "r0": TINY_GRID, "r1": R1, "r2": R2, "r3": R3,
+           "r4": R4}
 
 
 def get_config(name: str) -> SignsConfig:
@@ -208,9 +219,13 @@ class SignsSource:
     else:
       self.num_examples = self.config.num_test_examples or len(self.words)
     self.render = split_render_config(self.config, split)
+    alphabet = split_alphabet(self.words)
+    if self.config.language is not None:
+      self.config.language.check()
+      alphabet += self.config.language.alphabet
     # Bad fonts fail here, when the config is first used, in one line.
-    ladder.check_fonts(self.render.fonts + self.render.held_out_fonts,
-                       split_alphabet(self.words), f"{split} words")
+    ladder.check_fonts(self.render.fonts + self.render.held_out_fonts, alphabet,
+                       f"the {split} words and templates")
 
   def __len__(self) -> int:
     return self.num_examples
@@ -229,8 +244,13 @@ class SignsSource:
       rng = np.random.default_rng(
           [self.config.seed, SPLIT_OFFSETS[self.split] + index, _CURRICULUM])
       words = [pool[int(rng.integers(len(pool)))]] + words[1:]
-    ex = render_lib.render_example(" ".join(words), self.config.seed,
-                                   SPLIT_OFFSETS[self.split] + index, self.render)
+    if self.config.language is not None:
+      ex = ladder.example(self.config.language, self.render, self.config.seed,
+                          SPLIT_OFFSETS[self.split] + index, self.split, words[0], self.words)
+      words = ex["words"] or [ex["text"]]  # a number alone: its own bucket
+    else:
+      ex = render_lib.render_example(" ".join(words), self.config.seed,
+                                     SPLIT_OFFSETS[self.split] + index, self.render)
     ex["frequency_bucket"] = phrase_bucket(words)
     ex["text_box"] = text_box(ex)
     return ex
