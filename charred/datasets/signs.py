@@ -376,9 +376,11 @@ def make_iterator(config: SignsConfig | str, split: str, batch_size: int, text_l
 
 
 def rendering_targets(config: SignsConfig | str, split: str = VALIDATION) -> list[dict[str, str]]:
-  """Held-out prompts in split order, as `pipeline.rendering_targets` gives them."""
+  """Held-out prompts in split order, as `pipeline.rendering_targets` gives them, with
+  the box each text was drawn in (what a box-conditioned model is told)."""
   source = SignsSource(config, split)
-  return [{"prompt": ex["caption"], "text": ex["text"], "bucket": ex["frequency_bucket"]}
+  return [{"prompt": ex["caption"], "text": ex["text"], "bucket": ex["frequency_bucket"],
+           "box": tuple(int(v) for v in ex["text_box"])}
           for ex in (source[i] for i in range(len(source)))]
 
 

@@ -20,13 +20,14 @@ from PIL import Image, ImageDraw
 from charred.evaluation import grid
 from charred.models import diffusion
 from charred.models import unet
-from charred.models.text_to_image import TextToImage
+from charred.models.text_to_image import TextToImage, text_layout
 
 
 def cross_attention_maps(model: TextToImage, params, images, tokens, mask, timestep: int,
-                         rng) -> jax.Array:
+                         rng, boxes=None) -> jax.Array:
   """[B, h, w, L] head- and layer-averaged cross-attention of the finest attended grid
-  (h x w cells), for `images` (model space, [-1, 1]) noised to `timestep`."""
+  (h x w cells), for `images` (model space, [-1, 1]) noised to `timestep`; `boxes` [B, 4]
+  for a box-conditioned model."""
   c = model.config
   x0 = jnp.asarray(images, jnp.float32)
   noise = jax.random.normal(rng, x0.shape)
@@ -35,7 +36,9 @@ def cross_attention_maps(model: TextToImage, params, images, tokens, mask, times
   t = jnp.full((x0.shape[0],), timestep, jnp.int32)
   apply = functools.partial(model.apply, {'params': params})
   context = apply(tokens, mask, method=TextToImage.encode_text)
-  _, state = apply(x_t, t, context, mask, method=TextToImage.denoise, mutable=['intermediates'])
+  layout = None if boxes is None else text_layout(tokens, mask, boxes, c.image_size)
+  _, state = apply(x_t, t, context, mask, layout, method=TextToImage.denoise,
+                   mutable=['intermediates'])
   maps = [v for path, value in flax.traverse_util.flatten_dict(state).items()
           if 'cross_attention' in path for v in value]
   if not maps:

@@ -134,10 +134,13 @@ class SampleEvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RenderingTarget:
-  """A held-out prompt and the text an OCR engine should read in its image."""
+  """A held-out prompt and the text an OCR engine should read in its image; `box`
+  (x0, y0, x1, y1 pixels), where the data drew that text, is what a box-conditioned
+  model is told."""
   prompt: str
   text: str
   bucket: str = ''
+  box: tuple[int, int, int, int] | None = None
 
 
 def read_and_score(ocr: OcrReader, images, texts: Sequence[str], buckets: Sequence[str]):
@@ -174,6 +177,13 @@ class TextRenderingEvaluator:
     self.ocr = ocr or OcrReader()
     self.ground_truth = ground_truth
     self.picture = None
+    self.boxes = None
+    if model.config.box_conditioning:
+      missing = [t.prompt for t in self.targets if t.box is None]
+      if missing:
+        raise ValueError(f'A box-conditioned model needs a box for every prompt; '
+                         f'{len(missing)} have none, e.g. {missing[0]!r}.')
+      self.boxes = np.array([t.box for t in self.targets], np.int32)
 
   def attention_picture(self, params, images: np.ndarray) -> np.ndarray:
     """The per-letter cross-attention rows (attention_maps.letter_rows) of `images`,
@@ -187,7 +197,8 @@ class TextRenderingEvaluator:
     rng = jax.random.PRNGKey(self.config.seed)
     x0 = codec.encode(images.astype(np.float32) / 127.5 - 1.0)  # the mean, for a VAE
     maps = np.asarray(attention_maps.cross_attention_maps(
-        model, params, x0, tokens, mask, timestep, jax.random.fold_in(rng, 1)))
+        model, params, x0, tokens, mask, timestep, jax.random.fold_in(rng, 1),
+        None if self.boxes is None else self.boxes[:len(images)]))
     text_tokenizer = model.config.text_tokenizer() or tokenizer
     pictures = []
     for image, target, m in zip(images, targets, maps):
@@ -202,7 +213,8 @@ class TextRenderingEvaluator:
     self.generator.params = params
     texts, buckets = [t.text for t in self.targets], [t.bucket for t in self.targets]
     images = self.generator([t.prompt for t in self.targets], seed=self.config.seed,
-                            batch_size=self.config.batch_size or len(self.targets))
+                            batch_size=self.config.batch_size or len(self.targets),
+                            boxes=self.boxes)
     scores, labels = read_and_score(self.ocr, images, texts, buckets)
     if self.config.ceiling:
       # The OCR misreads some perfect signs too: the ceiling says how much of the

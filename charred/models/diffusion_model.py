@@ -27,6 +27,7 @@ from charred.models import preprocess as preprocess_lib
 from charred.models.generation import ImageGenerator
 from charred.models.image_codec import PixelCodec
 from charred.models.text_to_image import TextToImage, TextToImageConfig, init_params
+from charred.models.text_to_image import text_layout
 
 # One random stream per kind of draw, per example.
 _DROP, _TIMESTEP, _NOISE, _ENCODE, _AUGMENT = range(5)
@@ -34,9 +35,10 @@ _DROP, _TIMESTEP, _NOISE, _ENCODE, _AUGMENT = range(5)
 # What a batch may hold: `image` ([B, H, W, 3] in [-1, 1], or uint8 of one raw size with
 # ObjectiveConfig.device_preprocess), or from an encoder cache the VAE posterior's
 # `latent_mean` and `latent_logvar` and the text encoder's `text_context`; the caption's
-# `text_tokens` and `text_mask` [B, L]; from the renderer, the glyph maps.
+# `text_tokens` and `text_mask` [B, L]; from the renderer, the glyph maps and the quoted
+# text's box `text_box` [B, 4] (what a box-conditioned model is told).
 BATCH_KEYS = ('image', 'latent_mean', 'latent_logvar', 'text_tokens', 'text_mask',
-              'text_context', 'glyph_tokens', 'glyph_chars', 'blank_tokens')
+              'text_context', 'glyph_tokens', 'glyph_chars', 'blank_tokens', 'text_box')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,12 +259,13 @@ class DiffusionModel:
       if needed and key not in batch:
         raise ValueError(f'The glyph losses need `{key}` in the batch, which only the '
                          "rendered typography source gives (DataConfig.source='render').")
+    layout = self.layout(batch)
     if glyphs or chars:  # cross-attention weights and character logits are sown
       prediction, intermediates = self.module.apply(
-          {'params': params}, x_t, t, context, mask, method=TextToImage.denoise,
+          {'params': params}, x_t, t, context, mask, layout, method=TextToImage.denoise,
           mutable=['intermediates'])
     else:
-      prediction = self.module.apply({'params': params}, x_t, t, context, mask,
+      prediction = self.module.apply({'params': params}, x_t, t, context, mask, layout,
                                      method=TextToImage.denoise)
     target = diffusion.training_target(mc.prediction_type, images, noise, alpha_bar)
     pixel_weights = None
@@ -285,6 +288,18 @@ class DiffusionModel:
       terms['char'] = objective.char_loss_weight * losses.glyph_char_loss(
           logits[0], batch['glyph_chars'], keep)
     return terms
+
+  def layout(self, batch):
+    """The box-conditioned model's TextLayout of a batch (None for other models), from
+    the captions before dropout: a dropped caption keeps its box frame, as the
+    unconditional branch of guided sampling does."""
+    if not self.config.box_conditioning:
+      return None
+    if 'text_box' not in batch:
+      raise ValueError('A box-conditioned model needs `text_box` in the batch, which the '
+                       "rendered typography source gives (DataConfig.source='render').")
+    return text_layout(batch['text_tokens'], batch['text_mask'], batch['text_box'],
+                       self.config.image_size)
 
   # -- Sampling ----------------------------------------------------------------------------
 

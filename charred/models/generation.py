@@ -14,11 +14,25 @@ from charred import tokenizer
 from charred.models import sampling
 from charred.models import schedulers
 from charred.models.image_codec import PixelCodec
-from charred.models.text_to_image import TextToImage
+from charred.models.text_to_image import TextToImage, text_layout
 
 
 class PromptTooLongError(ValueError):
   pass
+
+
+def check_boxes(boxes, image_size: tuple[int, int]) -> np.ndarray:
+  """int32 [N, 4] (x0, y0, x1, y1) pixel boxes, each inside an image of `image_size`
+  (height, width) and not empty; ValueError naming the first that is not."""
+  boxes = np.asarray(boxes)
+  if boxes.ndim != 2 or boxes.shape[1] != 4:
+    raise ValueError(f'Boxes must be (x0, y0, x1, y1) each, got shape {boxes.shape}.')
+  h, w = image_size
+  for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+      raise ValueError(f'Box {i} ({x0},{y0},{x1},{y1}) is not inside the {w}x{h} image '
+                       'with x0 < x1 and y0 < y1.')
+  return boxes.astype(np.int32)
 
 
 class ImageGenerator:
@@ -70,7 +84,7 @@ class ImageGenerator:
             f"the model's maximum of {length}: {prompt[:60]!r}")
     return text_tokenizer.encode_batch(list(prompts), length)
 
-  def _sample_impl(self, params, tokens, mask, rng):
+  def _sample_impl(self, params, tokens, mask, rng, boxes=None):
     c = self.model.config
     apply = functools.partial(self.model.apply, {'params': params})
     context = apply(tokens, mask, method=TextToImage.encode_text)
@@ -81,15 +95,34 @@ class ImageGenerator:
     uncond = jnp.broadcast_to(uncond, (b,) + uncond.shape[1:])
     uncond_mask = jnp.broadcast_to(empty_mask, mask.shape)
     noise = jax.random.normal(rng, (b,) + c.diffusion_shape(self.codec), jnp.float32)
-    denoise = lambda x, t, ctx, m: apply(x, t, ctx, m, method=TextToImage.denoise)
+    layout = None if boxes is None else text_layout(tokens, mask, boxes, c.image_size)
+
+    def denoise(x, t, ctx, m):
+      # Guidance stacks the unconditional branch under the conditional one: both are
+      # drawn in the same boxes.
+      tiled = None if layout is None else jax.tree_util.tree_map(
+          lambda a: jnp.concatenate([a] * (x.shape[0] // b)), layout)
+      return apply(x, t, ctx, m, tiled, method=TextToImage.denoise)
+
     x = sampling.sample(
         denoise, noise, context, mask, uncond, uncond_mask, scheduler=self.scheduler,
         num_steps=self.num_steps, guidance_scale=self.guidance_scale,
         guidance_rescale=self.guidance_rescale, rng=jax.random.fold_in(rng, 1))
     return self.codec.decode(x)
 
-  def __call__(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 64) -> np.ndarray:
-    """Images uint8 [N, H, W, 3] for N prompts; deterministic per (seed, prompt order)."""
+  def __call__(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 64,
+               boxes=None) -> np.ndarray:
+    """Images uint8 [N, H, W, 3] for N prompts; deterministic per (seed, prompt order).
+    `boxes` [N, 4]: where each prompt's quoted text goes (x0, y0, x1, y1 in pixels), for a
+    box-conditioned model (which needs them) only."""
+    box_model = self.model.config.box_conditioning
+    if box_model != (boxes is not None):
+      raise ValueError('A box-conditioned model needs boxes= (one per prompt).' if box_model
+                       else 'boxes= is for box-conditioned models; this one places text itself.')
+    if boxes is not None:
+      boxes = check_boxes(boxes, self.model.config.image_size)
+      if len(boxes) != len(prompts):
+        raise ValueError(f'{len(boxes)} boxes for {len(prompts)} prompts.')
     tokens, mask = self.tokenize(prompts)
     rng = jax.random.PRNGKey(seed)
     images = []
@@ -100,7 +133,12 @@ class ImageGenerator:
       pad = (0, batch_size - n) if len(prompts) > batch_size else (0, 0)
       t = np.pad(tokens[chunk], (pad, (0, 0)))
       m = np.pad(mask[chunk], (pad, (0, 0)))
-      x = self._sample(self.params, t, m, jax.random.fold_in(rng, start))
+      bx = None
+      if boxes is not None:  # padding rows get a whole-image box
+        h, w = self.model.config.image_size
+        bx = np.pad(boxes[chunk], (pad, (0, 0)))
+        bx[n:] = (0, 0, w, h)
+      x = self._sample(self.params, t, m, jax.random.fold_in(rng, start), bx)
       images.append(np.asarray(x)[:n])
     return to_uint8(np.concatenate(images))
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from charred.models import diffusion
 from charred.models.t5_encoder import T5Encoder, T5EncoderConfig
-from charred.models.unet import UNet, UNetConfig, sinusoidal_positions
+from charred.models.unet import TextLayout, UNet, UNetConfig, sinusoidal_positions
 
 # ByT5 ids are byte + 3 (0 pad, 1 EOS, 2 UNK): the opening quote, and the range of UTF-8
 # continuation bytes 0x80-0xBF, which belong to the character their lead byte starts.
@@ -48,6 +48,11 @@ class TextToImageConfig:
   # which must then be None): the k-th quoted letter then has one coordinate whatever the
   # template, and a multi-byte character one position. Bytes only.
   quote_positions: bool = False
+  # The box-conditioned model (as TextDiffuser's and Glyph-ByT5's layouts): every caption
+  # comes with a box (x0, y0, x1, y1) in pixels for its quoted text; cross-attention then
+  # counts image columns in the box's frame, and the quoted characters are visible only
+  # to the cells inside it (unet.TextLayout). Needs quote_positions.
+  box_conditioning: bool = False
 
   def text_tokenizer(self):
     """None for bytes (charred.tokenizer), else the subword tokenizer object."""
@@ -70,6 +75,9 @@ class TextToImageConfig:
       raise ValueError('quote_positions replaces unet.text_positions and byte-index RoPE, '
                        'and counts bytes: set unet.text_positions=None, '
                        "unet.cross_attention_rope=False and tokenizer='bytes'.")
+    if self.box_conditioning and not self.quote_positions:
+      raise ValueError('box_conditioning counts the box in quoted characters: set '
+                       'quote_positions=True.')
 
   def check_codec(self, codec) -> None:
     """The U-Net must take and give `codec.channels * patch_size**2` channels, and
@@ -109,15 +117,18 @@ class TextToImage(nn.Module):
     return states + sinusoidal_positions(positions, d).reshape(b, length, d).astype(
         states.dtype)
 
-  def denoise(self, x_t, timesteps, context, mask, deterministic: bool = True):
-    """One network evaluation on noisy images or latents [B, h, w, C]."""
+  def denoise(self, x_t, timesteps, context, mask, layout: TextLayout | None = None,
+              deterministic: bool = True):
+    """One network evaluation on noisy images or latents [B, h, w, C]; `layout` (see
+    `text_layout`) for the box-conditioned model."""
     p = self.config.patch_size
-    out = self.unet(space_to_depth(x_t, p), timesteps, context, mask, deterministic=deterministic)
+    out = self.unet(space_to_depth(x_t, p), timesteps, context, mask,
+                    deterministic=deterministic, layout=layout)
     return depth_to_space(out, p)
 
   def __call__(self, x_t, timesteps, tokens, mask, deterministic: bool = True):
     context = self.encode_text(tokens, mask, deterministic)
-    return self.denoise(x_t, timesteps, context, mask, deterministic)
+    return self.denoise(x_t, timesteps, context, mask, deterministic=deterministic)
 
 
 def quote_positions(tokens, mask):
@@ -132,6 +143,24 @@ def quote_positions(tokens, mask):
   origin = jnp.where(jnp.any(is_quote, axis=1),
                      jnp.take_along_axis(index, first[:, None], axis=1)[:, 0] + 1, 0)
   return (index - origin[:, None]).astype(jnp.float32)
+
+
+def text_layout(tokens, mask, boxes, image_size: tuple[int, int]) -> TextLayout:
+  """The U-Net's layout for captions `tokens` / `mask` [B, L] whose quoted text goes in
+  `boxes` [B, 4] (x0, y0, x1, y1 in pixels of an image of `image_size` (height, width)).
+  The quoted characters run from the first double quote to the next (or to the end)."""
+  positions = quote_positions(tokens, mask)
+  is_quote = (tokens == QUOTE_ID) & (mask > 0)
+  opened = jnp.any(is_quote, axis=1)
+  closing = is_quote & (positions >= 0)
+  end = jnp.where(jnp.any(closing, axis=1),
+                  jnp.min(jnp.where(closing, positions, jnp.inf), axis=1),
+                  jnp.max(jnp.where(mask > 0, positions, -1), axis=1))
+  chars = jnp.where(opened, end, 0.0)
+  in_span = (mask > 0) & (positions >= 0) & (positions < chars[:, None])
+  h, w = image_size
+  scale = jnp.array([w, h, w, h], jnp.float32)
+  return TextLayout(jnp.asarray(boxes, jnp.float32) / scale, in_span, chars)
 
 
 def space_to_depth(x, p: int):

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -248,6 +248,46 @@ def column_coordinates(height: int, width: int, span: float):
   return jnp.tile(columns, height)
 
 
+class TextLayout(NamedTuple):
+  """Where a caption's quoted text is to be drawn (the box-conditioned model).
+
+  boxes: float [B, 4], (x0, y0, x1, y1) as fractions of the image's width and height.
+  in_span: bool [B, L], the text tokens of the quoted characters.
+  chars: float [B], how many characters are quoted.
+  """
+  boxes: jax.Array
+  in_span: jax.Array
+  chars: jax.Array
+
+
+def _cell_centres(height: int, width: int):
+  """([height * width] x, [height * width] y) of each cell's centre, as image fractions."""
+  xs = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width
+  ys = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height
+  return jnp.tile(xs, height), jnp.repeat(ys, width)
+
+
+def box_coordinates(height: int, width: int, layout: TextLayout):
+  """[B, height * width]: each cell's column in its example's box frame, counted in
+  characters of the quoted text (0 at the box's left edge, `chars` at its right)."""
+  x, _ = _cell_centres(height, width)
+  x0, x1 = layout.boxes[:, 0:1], layout.boxes[:, 2:3]
+  return (x[None] - x0) / jnp.maximum(x1 - x0, 1e-6) * layout.chars[:, None]
+
+
+def box_mask(height: int, width: int, layout: TextLayout, mask):
+  """[B, height * width, L] key mask: `mask` [B, L], with the quoted characters' tokens
+  hidden from every cell whose centre lies outside the example's box."""
+  x, y = _cell_centres(height, width)
+  bx = layout.boxes
+  inside = ((x[None] >= bx[:, 0:1]) & (x[None] < bx[:, 2:3]) & (y[None] >= bx[:, 1:2])
+            & (y[None] < bx[:, 3:4]))
+  if mask is None:
+    mask = jnp.ones(layout.in_span.shape, jnp.int32)
+  visible = inside[:, :, None] | ~layout.in_span[:, None, :]
+  return jnp.where(visible, mask[:, None, :], 0)
+
+
 class TimestepEmbedding(nn.Module):
   features: int
   dtype: Dtype = jnp.float32
@@ -280,10 +320,12 @@ class ResnetBlock(nn.Module):
 
 
 def attention_weights(q, k, mask=None):
-  """Softmax weights [B,N,T,S] of q [B,T,N,H] over k [B,S,N,H], key mask [B,S]."""
+  """Softmax weights [B,N,T,S] of q [B,T,N,H] over k [B,S,N,H], key mask [B,S] (or
+  [B,T,S]: one per query)."""
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(q.shape[-1])
   if mask is not None:
-    logits = jnp.where(mask[:, None, None, :] > 0, logits, jnp.finfo(logits.dtype).min)
+    mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
+    logits = jnp.where(mask > 0, logits, jnp.finfo(logits.dtype).min)
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
@@ -298,12 +340,16 @@ def attend_in_query_chunks(q, k, v, mask, chunk: int):
   each block recomputed in the backward pass instead of storing its probabilities."""
   b, t, n, h = q.shape
   blocks = q.reshape(b, t // chunk, chunk, n, h).swapaxes(0, 1)
-  out = jax.lax.map(jax.checkpoint(lambda qb: attend(qb, k, v, mask)), blocks)
+  if mask is not None and mask.ndim == 3:  # a key mask per query: chunked with the queries
+    masks = mask.reshape(b, t // chunk, chunk, -1).swapaxes(0, 1)
+    out = jax.lax.map(jax.checkpoint(lambda a: attend(a[0], k, v, a[1])), (blocks, masks))
+  else:
+    out = jax.lax.map(jax.checkpoint(lambda qb: attend(qb, k, v, mask)), blocks)
   return out.swapaxes(0, 1).reshape(b, t, n, v.shape[-1])
 
 
 class Attention(nn.Module):
-  """Multi-head attention with an optional key mask [B, L] (1 = attend).
+  """Multi-head attention with an optional key mask [B, L] or [B, T, L] (1 = attend).
 
   Cross-attention sows its weights [B, N, T, L] as intermediates 'cross_attention' when
   that collection is mutable (the attention loss, attention maps); otherwise nothing is
@@ -376,8 +422,9 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, context, context_mask, query_positions=None, rope=None):
-    """`query_positions` [T, C] is added to the cross-attention's query input; `rope`
-    rotates its queries and keys (see Attention)."""
+    """`query_positions` [T, C] or [B, T, C] is added to the cross-attention's query
+    input; `rope` rotates its queries and keys (see Attention). `context_mask` [B, L] or
+    [B, T, L] masks the text keys."""
     ln = lambda name: layer_norm(1e-5, self.dtype, name)
     attn = lambda name: Attention(self.heads, self.head_dim, self.upcast, self.dtype,
                                   self.query_chunk, name=name)
@@ -387,7 +434,9 @@ class TransformerBlock(nn.Module):
       x = x + attn('attn1')(ln('norm1')(x))
     query = ln('norm2')(x)
     if query_positions is not None:
-      query = query + query_positions.astype(query.dtype)[None]
+      if query_positions.ndim == 2:
+        query_positions = query_positions[None]
+      query = query + query_positions.astype(query.dtype)
     x = x + attn('attn2')(query, context, context_mask, rope=rope)
     return x + GegluFeedForward(4, self.gelu_approximate, self.dtype, name='ff')(ln('norm3')(x))
 
@@ -409,11 +458,18 @@ class Transformer2D(nn.Module):
   position_span: float | None = None
 
   @nn.compact
-  def __call__(self, x, context, context_mask):
+  def __call__(self, x, context, context_mask, layout: TextLayout | None = None):
     b, h, w, c = x.shape
     span = self.position_span or context.shape[1]
     query_positions = None
-    if self.query_positions == 'sinusoidal':
+    if layout is not None:
+      # Columns in the box's frame (the quoted text's k-th character spans [k, k+1) when
+      # its glyphs are equally wide), and the quoted characters visible only in the box.
+      coordinates = box_coordinates(h, w, layout)
+      context_mask = box_mask(h, w, layout, context_mask)
+      if self.query_positions == 'sinusoidal':
+        query_positions = sinusoidal_positions(coordinates.reshape(-1), c).reshape(b, h * w, c)
+    elif self.query_positions == 'sinusoidal':
       query_positions = sinusoidal_positions(column_coordinates(h, w, span), c)
     elif self.query_positions == 'learned':
       table = self.param('query_position_embedding', nn.with_logical_partitioning(
@@ -421,6 +477,8 @@ class Transformer2D(nn.Module):
       query_positions = jnp.tile(table, (h, 1))
     rope = None
     if self.rope:
+      if layout is not None:
+        raise ValueError('cross_attention_rope has no box frame: use query_positions.')
       rope = (column_coordinates(h, w, span), jnp.arange(context.shape[1]))
     proj = lambda name: (dense(c, ('conv_in', 'conv_out'), self.dtype, name)
                          if self.use_linear_projection else conv(c, 1, self.dtype, name))
@@ -477,12 +535,12 @@ class DownBlock(nn.Module):
   add_downsample: bool
 
   @nn.compact
-  def __call__(self, x, temb, context, mask, deterministic: bool):
+  def __call__(self, x, temb, context, mask, deterministic: bool, layout=None):
     c, skips = self.config, []
     for j in range(c.layers_at(self.level)):
       x = _resnet(c, c.block_out_channels[self.level], f'resnets_{j}')(x, temb, deterministic)
       if self.attention:
-        x = _transformer(c, self.level, f'attentions_{j}')(x, context, mask)
+        x = _transformer(c, self.level, f'attentions_{j}')(x, context, mask, layout)
       skips.append(x)
     if self.add_downsample:
       x = Downsample(c.dtype, name='downsamplers_0')(x)
@@ -494,12 +552,13 @@ class MidBlock(nn.Module):
   config: UNetConfig
 
   @nn.compact
-  def __call__(self, x, temb, context, mask, deterministic: bool):
+  def __call__(self, x, temb, context, mask, deterministic: bool, layout=None):
     c = self.config
     level = len(c.block_out_channels) - 1
     x = _resnet(c, c.block_out_channels[level], 'resnets_0')(x, temb, deterministic)
     # diffusers' UNetMidBlock2DCrossAttn always self-attends in attn1.
-    x = _transformer(c, level, 'attentions_0', only_cross_attention=False)(x, context, mask)
+    x = _transformer(c, level, 'attentions_0', only_cross_attention=False)(x, context, mask,
+                                                                           layout)
     return _resnet(c, c.block_out_channels[level], 'resnets_1')(x, temb, deterministic)
 
 
@@ -512,13 +571,13 @@ class UpBlock(nn.Module):
   add_upsample: bool
 
   @nn.compact
-  def __call__(self, x, skips, temb, context, mask, deterministic: bool):
+  def __call__(self, x, skips, temb, context, mask, deterministic: bool, layout=None):
     c = self.config
     for j in range(c.layers_at(self.level) + 1):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
       x = _resnet(c, c.block_out_channels[self.level], f'resnets_{j}')(x, temb, deterministic)
       if self.attention:
-        x = _transformer(c, self.level, f'attentions_{j}')(x, context, mask)
+        x = _transformer(c, self.level, f'attentions_{j}')(x, context, mask, layout)
     if self.add_upsample:
       x = Upsample(c.dtype, name='upsamplers_0')(x)
     return x
@@ -544,12 +603,16 @@ def _transformer(c: UNetConfig, level: int, name: str,
 class UNet(nn.Module):
   """(sample [B,H,W,Cin], timesteps [B], context [B,L,E], mask [B,L]) -> [B,H,W,Cout].
 
+  With a `layout` (a TextLayout: the box-conditioned model) the cross-attention query
+  positions count columns in each example's box frame, and the quoted characters' tokens
+  are visible only to cells inside the box.
+
   E is `encoder_hid_dim` if set, else `cross_attention_dim`."""
   config: UNetConfig
 
   @nn.compact
   def __call__(self, sample, timesteps, encoder_hidden_states, encoder_attention_mask=None,
-               deterministic: bool = True):
+               deterministic: bool = True, layout: TextLayout | None = None):
     c = self.config
     channels = tuple(c.block_out_channels)
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
@@ -578,15 +641,16 @@ class UNet(nn.Module):
     for level, block_type in enumerate(c.down_block_types):
       x, block_skips = DownBlock(c, level, block_type.startswith('CrossAttn'),
                                  level < len(channels) - 1, name=f'down_blocks_{level}')(
-                                     x, temb, context, mask, deterministic)
+                                     x, temb, context, mask, deterministic, layout)
       skips.extend(block_skips)
 
-    x = MidBlock(c, name='mid_block')(x, temb, context, mask, deterministic)
+    x = MidBlock(c, name='mid_block')(x, temb, context, mask, deterministic, layout)
 
     for i, block_type in enumerate(c.up_block_types):
       level = len(channels) - 1 - i
       x = UpBlock(c, level, block_type.startswith('CrossAttn'), level > 0,
-                  name=f'up_blocks_{i}')(x, skips, temb, context, mask, deterministic)
+                  name=f'up_blocks_{i}')(x, skips, temb, context, mask, deterministic,
+                                         layout)
 
     if c.char_head_classes:
       self.sow('intermediates', 'char_logits', dense(

@@ -1,0 +1,160 @@
+"""The box-conditioned model: the quoted text's frame and its confinement to the box,
+against the caption string and closed forms."""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from charred import tokenizer
+from charred.models import diffusion_model as dm
+from charred.models import generation
+from charred.models import t5_encoder
+from charred.models import text_to_image as t2i
+from charred.models import unet as unet_lib
+
+CAPTIONS = ['A sign that says "Hello".', 'It says "naïve"!', 'no quote', 'Open "ended']
+LENGTH = 40
+
+
+def _encode(captions, length=LENGTH):
+  return (jnp.asarray(a) for a in tokenizer.encode_batch(captions, length))
+
+
+def _quoted_bytes(caption: str) -> set[int]:
+  """Byte indices of the characters between the first '"' and the next (or the end)."""
+  if '"' not in caption:
+    return set()
+  start = caption.index('"') + 1
+  end = caption.find('"', start)
+  end = len(caption) if end < 0 else end
+  first = len(caption[:start].encode('utf-8'))
+  return set(range(first, first + len(caption[start:end].encode('utf-8'))))
+
+
+def test_text_layout_finds_the_quoted_characters():
+  tokens, mask = _encode(CAPTIONS)
+  boxes = np.array([[8, 4, 72, 28]] * len(CAPTIONS))
+  layout = t2i.text_layout(tokens, mask, boxes, (32, 128))
+  np.testing.assert_array_equal(layout.chars, [5, 5, 0, 5])  # 'naïve' is 5 characters
+  for row, caption in zip(np.asarray(layout.in_span), CAPTIONS):
+    assert set(np.flatnonzero(row)) == _quoted_bytes(caption), caption
+  np.testing.assert_allclose(layout.boxes[0], [8 / 128, 4 / 32, 72 / 128, 28 / 32])
+
+
+def test_box_coordinates_count_characters_across_the_box():
+  # A 5-letter word in pixels [20, 80) of a 128-wide image; cells of 4 px (w = 32).
+  layout = unet_lib.TextLayout(jnp.array([[20 / 128, 0.0, 80 / 128, 1.0]]),
+                               jnp.zeros((1, 4), bool), jnp.array([5.0]))
+  coords = np.asarray(unet_lib.box_coordinates(2, 32, layout))[0]
+  centres = (np.arange(32) + 0.5) * 4
+  expected = (centres - 20) / 60 * 5
+  np.testing.assert_allclose(coords, np.tile(expected, 2), rtol=1e-5, atol=1e-5)
+  # The cell whose centre is in letter k's 12 px column has a coordinate in [k, k + 1).
+  for k in range(5):
+    inside = (centres >= 20 + 12 * k) & (centres < 32 + 12 * k)
+    assert np.all(np.floor(coords[:32][inside]) == k)
+
+
+def test_box_mask_hides_the_quoted_tokens_outside_the_box_only():
+  tokens, mask = _encode(['A sign that says "Hi".'], 24)
+  layout = t2i.text_layout(tokens, mask, np.array([[32, 8, 64, 24]]), (32, 128))
+  got = np.asarray(unet_lib.box_mask(4, 16, layout, mask))[0]  # [64 cells, 24 keys]
+  span = np.asarray(layout.in_span)[0]
+  for cell in range(64):
+    y, x = divmod(cell, 16)
+    cx, cy = (x + 0.5) * 8, (y + 0.5) * 8  # cell centre in pixels
+    inside = 32 <= cx < 64 and 8 <= cy < 24
+    expected = np.where(span & ~inside, 0, np.asarray(mask)[0])
+    np.testing.assert_array_equal(got[cell], expected, err_msg=f'cell {cell}')
+
+
+def _tiny_config(**kwargs):
+  enc = t5_encoder.T5EncoderConfig(vocab_size=384, d_model=16, num_heads=2, head_dim=8,
+                                   d_ff=32, num_layers=1)
+  unet = unet_lib.UNetConfig(
+      in_channels=48, out_channels=48, block_out_channels=(8, 16),
+      down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+      up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), layers_per_block=1,
+      attention_head_dim=(2, 2), cross_attention_dim=16, norm_num_groups=4,
+      query_positions='sinusoidal', position_span=10.0)
+  return t2i.TextToImageConfig(text_encoder=enc, unet=unet, text_length=LENGTH,
+                               image_size=(32, 128), patch_size=4, prediction_type='sample',
+                               quote_positions=True, **kwargs)
+
+
+def _model_and_params(**kwargs):
+  model = dm.DiffusionModel(_tiny_config(**kwargs))
+  return model, model.init_params(jax.random.PRNGKey(0))
+
+
+def test_cells_outside_the_box_never_attend_the_quoted_letters():
+  model, params = _model_and_params(box_conditioning=True)
+  tokens, mask = _encode(['A sign that says "Hello".', 'It says "abc".'])
+  boxes = np.array([[40, 4, 100, 28], [0, 0, 36, 32]])
+  layout = t2i.text_layout(tokens, mask, boxes, (32, 128))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 128, 3))
+  ctx = model.encode_text(params, tokens, mask)
+  _, state = model.module.apply({'params': params}, x, jnp.array([10, 500]), ctx, mask,
+                                layout, method=t2i.TextToImage.denoise,
+                                mutable=['intermediates'])
+  maps = [v for path, value in flax.traverse_util.flatten_dict(state).items()
+          if 'cross_attention' in path for v in value]
+  assert maps
+  span = np.asarray(layout.in_span)
+  for weights in maps:  # [B, N, T, L]
+    cells = weights.shape[2]
+    h, w = unet_lib.attention_grid(cells, 32, 128)
+    xs, ys = (np.tile(np.arange(w), h) + 0.5) * 128 / w, (np.repeat(np.arange(h), w) + 0.5) * 32 / h
+    for b, (x0, y0, x1, y1) in enumerate(boxes):
+      outside = ~((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1))
+      on_span = np.asarray(weights)[b][:, outside][..., span[b]]
+      assert outside.any() and np.all(on_span == 0)
+      inside_mass = np.asarray(weights)[b][:, ~outside][..., span[b]].sum(-1)
+      assert np.all(inside_mass > 0)
+
+
+def test_the_loss_needs_boxes_and_uses_them():
+  model, params = _model_and_params(box_conditioning=True)
+  tokens, mask = _encode(['A sign that says "Hello".'] * 2)
+  batch = {'image': jnp.zeros((2, 32, 128, 3)), 'text_tokens': tokens, 'text_mask': mask}
+  with pytest.raises(ValueError, match='needs `text_box` in the batch'):
+    model.loss_fn(params, batch, jax.random.PRNGKey(0))
+  near = model.loss_fn(params, dict(batch, text_box=jnp.array([[4, 4, 64, 28]] * 2)),
+                       jax.random.PRNGKey(0))[0]
+  far = model.loss_fn(params, dict(batch, text_box=jnp.array([[64, 4, 124, 28]] * 2)),
+                      jax.random.PRNGKey(0))[0]
+  assert np.isfinite(near) and near != far
+
+
+def test_box_conditioning_needs_quote_positions():
+  with pytest.raises(ValueError, match='set quote_positions=True'):
+    t2i.TextToImageConfig(
+        text_encoder=t5_encoder.T5EncoderConfig(d_model=16),
+        unet=unet_lib.UNetConfig(cross_attention_dim=16), box_conditioning=True)
+
+
+@pytest.mark.parametrize('box, message', [
+    ((0, 0, 130, 32), 'not inside the 128x32 image'),
+    ((50, 4, 40, 20), 'x0 < x1'),
+    ((0, 20, 10, 20), 'x0 < x1 and y0 < y1'),
+    ((-1, 0, 10, 10), 'not inside'),
+])
+def test_bad_boxes_get_one_line(box, message):
+  with pytest.raises(ValueError, match=message):
+    generation.check_boxes([box], (32, 128))
+
+
+def test_the_generator_samples_in_the_boxes_it_is_given():
+  model, params = _model_and_params(box_conditioning=True)
+  gen = model.generator(params, num_steps=2, guidance_scale=2.0)
+  with pytest.raises(ValueError, match='needs boxes='):
+    gen(['A sign that says "Hi".'])
+  with pytest.raises(ValueError, match='Box 0'):
+    gen(['A sign that says "Hi".'], boxes=[(0, 0, 200, 32)])
+  images = gen(['A sign that says "Hi".', 'It says "abc".', 'A "x"'], batch_size=2,
+               boxes=[(4, 4, 40, 28), (60, 0, 128, 32), (0, 0, 12, 32)])
+  assert images.shape == (3, 32, 128, 3) and images.dtype == np.uint8
+  plain_model, plain_params = _model_and_params()
+  with pytest.raises(ValueError, match='places text itself'):
+    plain_model.generator(plain_params, num_steps=2)(['A "x"'], boxes=[(0, 0, 12, 32)])
