@@ -2,6 +2,8 @@
 import dataclasses
 import hashlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -243,3 +245,19 @@ def test_a_template_without_one_quoted_text_is_refused():
     bad.check()
   with pytest.raises(ValueError, match='quote'):
     signs.SignsSource(dataclasses.replace(signs.CONFIGS['r4'], language=bad), 'train')
+
+
+def test_rendering_the_ladder_imports_no_tensorflow():
+  # The rendered source runs on hosts with jax but no TensorFlow or TFDS, Caveat included.
+  code = ('import sys\n'
+          'from charred.datasets import signs\n'
+          'fonts = set()\n'
+          'for name in ("r2", "r4"):\n'
+          '  s = signs.SignsSource(name, "train")\n'
+          '  fonts |= {s[i]["font"] for i in range(8)}\n'
+          'print(sorted(m for m in ("tensorflow", "tensorflow_datasets") if m in sys.modules))\n'
+          'print("caveat" in fonts)\n')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.splitlines() == ['[]', 'True'], proc.stdout

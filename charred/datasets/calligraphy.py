@@ -41,26 +41,20 @@ characters of Latin, Devanagari, Arabic and Han script in script, handwriting an
 fonts on paper-like backgrounds, as a pure function of (seed, index), and writes them in
 the layout above, so synthetic and real data share one reader. The `synthetic*` builder
 configs render it into the download dir: `prepare --builder=calligraphy/synthetic`
-needs no files. Fonts are only those of the `fontpkg-*` wheels (setup.py, pinned: the
-pixels depend on the font bytes) and of one Debian package, each found at its package's
-path, never by a system font lookup. The wheels' fonts are redistributed unmodified from
-github.com/google/fonts, each with its LICENSE in the wheel: Great Vibes
-(ofl/greatvibes), Dancing Script (ofl/dancingscript), Caveat (ofl/caveat), Kalam (Indian
-Type Foundry, ofl/kalam) and Amiri (ofl/amiri) under the SIL Open Font License 1.1,
-Satisfy (Font Diner, apache/satisfy) under Apache 2.0. Text is shaped by resvg
-(rustybuzz), so Arabic joins and Devanagari conjuncts are drawn as written. No CJK brush
-font ships on PyPI: Han regular script (kaishu) is AR PL UKai (Arphic Public License)
-from the Debian package fonts-arphic-ukai (`apt-get install fonts-arphic-ukai`), opt-in
-only (`synthetic_han`, `SyntheticConfig(fonts=("ukai",))`): the default fonts and the
-other synthetic configs are the wheels' alone, so their pixels do not depend on which
-Debian packages a machine has.
+needs no files. Fonts are only those of `packaged_fonts` (the pinned `fontpkg-*` wheels
+and one Debian package, each found at its package's path; their licenses are listed
+there). Text is shaped by resvg (rustybuzz), so Arabic joins and Devanagari conjuncts are
+drawn as written. Han regular script (kaishu) is AR PL UKai from the Debian package
+fonts-arphic-ukai (`apt-get install fonts-arphic-ukai`), opt-in only (`synthetic_han`,
+`SyntheticConfig(fonts=("ukai",))`): the default fonts and the other synthetic configs
+are the wheels' alone, so their pixels do not depend on which Debian packages a machine
+has.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
 import functools
-import importlib.resources
 import io
 import json
 import os
@@ -75,6 +69,7 @@ import resvg_py
 import tensorflow_datasets as tfds
 import wordfreq
 
+from charred.datasets import packaged_fonts
 from charred.datasets import render
 from charred.datasets import web_images
 from charred.datasets import words as words_lib
@@ -94,37 +89,13 @@ DUPLICATE_FILE = "duplicate_file"
 
 # Synthetic source.
 
-LATIN, DEVANAGARI, ARABIC, HAN = "Latin", "Devanagari", "Arabic", "Han"
+# The fonts, shared with the TF-free renderers.
+LATIN, DEVANAGARI, ARABIC, HAN = (packaged_fonts.LATIN, packaged_fonts.DEVANAGARI,
+                                  packaged_fonts.ARABIC, packaged_fonts.HAN)
+FONTS = packaged_fonts.FONTS
+WHEEL_FONTS = packaged_fonts.WHEEL_FONTS
+font_path = packaged_fonts.font_path
 
-
-@dataclasses.dataclass(frozen=True)
-class CalligraphyFont:
-  """A bundled font: its package, its file, and what it writes."""
-  package: str  # Module of a fontpkg-* wheel, the file at <package>/files/<file>; with
-  # `debian`, a Debian package, the file at the absolute path it installs (Debian fixes it).
-  file: str
-  script: str
-  style: str  # The caption's noun phrase for the hand.
-  debian: bool = False
-
-
-FONTS = {
-    "great_vibes": CalligraphyFont("fontpkg_great_vibes", "GreatVibes-Regular.ttf", LATIN,
-                                   "copperplate calligraphy"),
-    "dancing_script": CalligraphyFont("fontpkg_dancing_script", "DancingScript[wght].ttf",
-                                      LATIN, "casual script calligraphy"),
-    "satisfy": CalligraphyFont("fontpkg_satisfy", "Satisfy-Regular.ttf", LATIN,
-                               "brush script lettering"),
-    "caveat": CalligraphyFont("fontpkg_caveat", "Caveat[wght].ttf", LATIN, "handwriting"),
-    "kalam": CalligraphyFont("fontpkg_kalam", "Kalam-Regular.ttf", DEVANAGARI, "handwriting"),
-    "amiri": CalligraphyFont("fontpkg_amiri", "Amiri-Regular.ttf", ARABIC,
-                             "naskh calligraphy"),
-    # A TrueType collection: its first face, 'AR PL UKai CN', is the one _family names.
-    "ukai": CalligraphyFont("fonts-arphic-ukai", "/usr/share/fonts/truetype/arphic/ukai.ttc",
-                            HAN, "regular-script (kaishu) brush calligraphy", debian=True),
-}
-# The default fonts: the wheels' only, as setup.py pins them on every machine.
-WHEEL_FONTS = tuple(name for name, font in FONTS.items() if not font.debian)
 # Script -> (wordfreq language, the script's Unicode letters as a (first, last) range,
 # the longest word); words with other code points, e.g. Arabic diacritics or Latin in a
 # Hindi list, are left out. Han: the CJK Unified Ideographs block, words of at most 4
@@ -188,27 +159,6 @@ class SyntheticConfig:
       raise ValueError(f"SyntheticConfig: need height >= 16, word_width >= height and "
                        f"num_examples >= 0, got {self.height}, {self.word_width}, "
                        f"{self.num_examples}")
-
-
-def font_path(name: str) -> str:
-  """Absolute path of FONTS[name]'s file inside its wheel or Debian package;
-  FileNotFoundError names the package to install when it is missing."""
-  font = FONTS[name]
-  if font.debian:
-    if not os.path.isfile(font.file):
-      raise FileNotFoundError(f"calligraphy font {name!r} needs the Debian package "
-                              f"{font.package} (apt-get install {font.package}): no "
-                              f"{font.file}")
-    return font.file
-  wheel = font.package.replace("_", "-")
-  try:
-    path = importlib.resources.files(font.package) / "files" / font.file
-  except ModuleNotFoundError:
-    raise FileNotFoundError(f"calligraphy font {name!r} needs the {wheel} package "
-                            f"(pip install {wheel})") from None
-  if not path.is_file():
-    raise FileNotFoundError(f"{path}: font file missing from the {wheel} package")
-  return str(path)
 
 
 @functools.lru_cache(maxsize=None)

@@ -40,7 +40,7 @@ _LANGUAGE = 3  # Tags R4's text and template stream of an example's (seed, index
 
 
 def family(font: str) -> str:
-  """The family of a font name: DejaVu files by name, calligraphy.FONTS names are
+  """The family of a font name: DejaVu files by name, packaged_fonts.FONTS names are
   handwriting."""
   if font.startswith("DejaVuSansMono"):
     return MONO

@@ -98,14 +98,14 @@ def available_fonts() -> list[str]:
 
 
 def font_path(name: str) -> str:
-  """The file of a DejaVu file name, or of a `calligraphy.FONTS` name (a fontpkg wheel's
+  """The file of a DejaVu file name, or of a `packaged_fonts.FONTS` name (a fontpkg wheel's
   face, e.g. 'caveat'); FileNotFoundError, one line, when it is missing."""
   if not name.endswith((".ttf", ".otf", ".ttc")):
-    from charred.datasets import calligraphy  # pylint: disable=g-import-not-at-top
-    if name not in calligraphy.FONTS:
+    from charred.datasets import packaged_fonts  # pylint: disable=g-import-not-at-top
+    if name not in packaged_fonts.FONTS:
       raise FileNotFoundError(f"Font {name!r} is neither a DejaVu file in {font_dir()} nor "
-                              f"one of calligraphy.FONTS {sorted(calligraphy.FONTS)}")
-    return calligraphy.font_path(name)
+                              f"one of packaged_fonts.FONTS {sorted(packaged_fonts.FONTS)}")
+    return packaged_fonts.font_path(name)
   path = os.path.join(font_dir(), name)
   if not os.path.isfile(path):
     raise FileNotFoundError(
