@@ -1,7 +1,8 @@
 r"""Runs a trained run's evaluators once; prints one JSON line.
 
   python -m charred.evaluate --workdir=DIR [--words_file=F | --prompts_file=F] \
-      [--steps=50] [--guidance_scale=G] [--scheduler=ddim] [--guidance_rescale=0.0]
+      [--split=validation|test] [--steps=50] [--guidance_scale=G] [--scheduler=ddim] \
+      [--guidance_rescale=0.0]
 
 Builds the evaluators the run's experiment lists (`Experiment.evaluators`), as training
 does, and runs each once on the checkpoint's EMA parameters. The text-rendering evaluator
@@ -12,7 +13,9 @@ rate, overall, per word length and per frequency bucket); under `ceiling/` the s
 metrics for the target texts rendered as the run's training signs and read by the same
 OCR: what a perfect model would score. Guidance defaults to the scale the run's
 experiment declares (`SampleEvalConfig.guidance_scale`). The validation loss appears as
-`validation/loss`.
+`validation/loss`. `--split=test` samples and scores the data's test split instead (the
+realism-ladder configs hold out words, templates and a font face there that no choice
+of settings has seen).
 
 With --prompts_file, any prompts instead: each line of F is `<prompt><TAB><expected
 text>` (blank lines and `#` lines aside; `charred.evaluation.prompts_file`), the expected
@@ -42,6 +45,8 @@ _WORDS_FILE = flags.DEFINE_string('words_file', None, 'One word per line (defaul
                                   "run's validation words).")
 _PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'Any prompts instead: lines '
                                     '"<prompt><TAB><expected text>".')
+_SPLIT = flags.DEFINE_enum('split', None, ('validation', 'test'), 'Held-out split the '
+                           "evaluators read (default: each evaluator's own).")
 _BATCH = flags.DEFINE_integer('batch_size', 100, 'Prompts sampled at once.')
 _SAMPLES = flags.DEFINE_string('samples_png', None, 'Also write a labelled grid here.')
 
@@ -146,6 +151,8 @@ def main(argv):
     for name, config in run.experiment.evaluators.items():
       if isinstance(config, evaluators.SampleEvalConfig):
         config = for_evaluate(config)
+      if _SPLIT.value:
+        config = dataclasses.replace(config, split=_SPLIT.value)
       evaluator = evaluators.build(name, config, run.model, data, workdir=None)
       metrics = evaluator(run.step, run.params, _NoWriter())
       if isinstance(evaluator, evaluators.TextRenderingEvaluator):

@@ -2,7 +2,11 @@ r"""Samples an image for a prompt from a trained run.
 
   python -m charred.sample --workdir=DIR --prompt='A sign that says "hello".' \
       --output=out.png [--seed=0] [--steps=50] [--guidance_scale=G] [--num_images=1] \
-      [--scheduler=ddim|ddpm|euler|euler_ancestral|dpmpp_2m] [--guidance_rescale=0.0]
+      [--scheduler=ddim|ddpm|euler|euler_ancestral|dpmpp_2m] [--guidance_rescale=0.0] \
+      [--box=x0,y0,x1,y1]
+
+`--box` says where the quoted text goes (pixels), for a box-conditioned run
+(`TextToImageConfig.box_conditioning`), which needs one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,19 @@ from charred.configs import sampling_flags as sf
 _PROMPT = flags.DEFINE_string('prompt', None, 'Text prompt.')
 _OUTPUT = flags.DEFINE_string('output', 'sample.png', 'PNG file to write.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 1, 'Images side by side in the output.')
+_BOX = flags.DEFINE_string('box', None, 'x0,y0,x1,y1: the pixel box of the quoted text, for '
+                           'a box-conditioned run.')
+
+
+def parse_box(text: str) -> tuple[int, int, int, int]:
+  """'x0,y0,x1,y1' -> four ints; ValueError in one line otherwise."""
+  try:
+    box = tuple(int(v) for v in text.split(','))
+  except ValueError:
+    box = ()
+  if len(box) != 4:
+    raise ValueError(f'--box must be four integers x0,y0,x1,y1, got {text!r}.')
+  return box
 
 
 def main(argv):
@@ -36,7 +53,11 @@ def main(argv):
     run = runs.load_run(sf.WORKDIR.value, sf.CHECKPOINT_STEP.value)
     sampling = evaluators.sampling_config(run.experiment.evaluators)
     generator = run.model.generator(run.params, **sf.generator_kwargs(sampling.guidance_scale))
-    images = generator([_PROMPT.value] * _NUM_IMAGES.value, seed=sf.SEED.value)
+    if run.model.config.box_conditioning and _BOX.value is None:
+      raise ValueError('This run is box-conditioned: say where the text goes with '
+                       '--box=x0,y0,x1,y1.')
+    boxes = None if _BOX.value is None else [parse_box(_BOX.value)] * _NUM_IMAGES.value
+    images = generator([_PROMPT.value] * _NUM_IMAGES.value, seed=sf.SEED.value, boxes=boxes)
   except (PromptTooLongError, FileNotFoundError, ValueError) as e:
     gin_utils.exit_with_error('charred.sample', e)
   picture = np.concatenate(list(images), axis=1)

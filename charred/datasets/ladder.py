@@ -184,6 +184,15 @@ def _offsets(lo: float, hi: float, extent: int, margin: int) -> tuple[int, int]:
   return math.ceil(margin - lo), math.floor(extent - margin - hi)
 
 
+def draw(text: str, rng: np.random.Generator, config: render_lib.RenderConfig
+         ) -> tuple[np.ndarray, dict[str, Any]]:
+  """`text` drawn by the renderer of `config`'s placement: `render` below for
+  'anywhere', `render.render` for the fixed placement of the configs before the ladder."""
+  if config.placement == render_lib.ANYWHERE:
+    return render(text, rng, config)
+  return render_lib.render(text, rng, config)
+
+
 def render(text: str, rng: np.random.Generator, config: render_lib.RenderConfig,
            text_colour=None, want_family: str | None = None
            ) -> tuple[np.ndarray, dict[str, Any]]:

@@ -169,11 +169,11 @@ def render(text: str, rng: np.random.Generator,
   Returns:
     image: uint8 [config.height, config.width, 3].
     style: the drawn font, font_size, x, y, text_color, background_color and
-      whether the text fits in the image ('anywhere' placement: ladder.render's).
+      whether the text fits in the image.
   """
   if config.placement != FIXED:
-    from charred.datasets import ladder  # pylint: disable=g-import-not-at-top
-    return ladder.render(text, rng, config)
+    raise ValueError(f"placement {config.placement!r} is drawn by ladder.render "
+                     "(ladder.draw picks the renderer of any config).")
   font_name = config.fonts[int(rng.integers(len(config.fonts)))]
   size = int(rng.integers(config.font_size[0], config.font_size[1] + 1))
   x = int(rng.integers(config.x_offset[0], config.x_offset[1] + 1))
@@ -216,8 +216,10 @@ def glyph_boxes(text: str, style: dict[str, Any]) -> list[tuple[int, int, int, i
 
 
 def render_example(word: str, seed: int, index: int,
-                   config: RenderConfig = RenderConfig()) -> dict[str, Any]:
+                   config: RenderConfig = RenderConfig(), draw=None) -> dict[str, Any]:
   """Renders example `index` for source `word`; a pure function of its arguments.
+  `draw(text, rng, config)` draws the cased text (default `render`; `ladder.draw` also
+  draws the realism ladder's placements).
 
   Returns a dict with image (uint8 [H, W, 3]), caption, text (the cased word
   as drawn), word (lowercase source), case and the style entries of `render`.
@@ -225,6 +227,6 @@ def render_example(word: str, seed: int, index: int,
   rng = np.random.default_rng([seed, index])
   case = CASES[_choice(rng, config.case_weights)]
   text = cased(word, case)
-  image, style = render(text, rng, config)
+  image, style = (draw or render)(text, rng, config)
   return dict(image=image, caption=caption(text, config.template), text=text,
               word=word.lower(), case=case, **style)

@@ -250,7 +250,8 @@ class SignsSource:
       words = ex["words"] or [ex["text"]]  # a number alone: its own bucket
     else:
       ex = render_lib.render_example(" ".join(words), self.config.seed,
-                                     SPLIT_OFFSETS[self.split] + index, self.render)
+                                     SPLIT_OFFSETS[self.split] + index, self.render,
+                                     draw=ladder.draw)
     ex["frequency_bucket"] = phrase_bucket(words)
     ex["text_box"] = text_box(ex)
     return ex
@@ -399,10 +400,10 @@ def ground_truth_config(builder_config: str, height: int, width: int):
 def render_ground_truth(texts, config, seed: int = 0):
   """uint8 [N, H, W, 3] signs showing each of `texts` as written (no case change).
 
-  Styles are drawn as `render.render` draws them for training, image i from the rng
-  seeded with (seed, i), so the result is a pure function of the arguments.
+  Styles are drawn as training draws them (`ladder.draw`), image i from the rng seeded
+  with (seed, i), so the result is a pure function of the arguments.
   """
   if not texts:
     raise ValueError('No texts to render.')
-  return np.stack([render_lib.render(text, np.random.default_rng([seed, i]), config)[0]
+  return np.stack([ladder.draw(text, np.random.default_rng([seed, i]), config)[0]
                    for i, text in enumerate(texts)])
