@@ -77,8 +77,9 @@ class ValidationLossEvaluator:
 
   def __init__(self, model: DiffusionModel, batches: Iterable[Mapping[str, Any]],
                config: ValidationConfig = ValidationConfig()):
-    keys = ('image', 'text_tokens', 'text_mask')
-    self.batches = [{k: np.asarray(b[k]) for k in keys}
+    # What the conditional model reads: a box-conditioned one also its boxes.
+    keys = ('image', 'text_tokens', 'text_mask', 'text_box')
+    self.batches = [{k: np.asarray(b[k]) for k in keys if k in b}
                     for b in itertools.islice(batches, config.num_batches)]
     if not self.batches:
       raise ValueError('ValidationLossEvaluator: the validation batches are empty.')
