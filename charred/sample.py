@@ -6,7 +6,9 @@ r"""Samples an image for a prompt from a trained run.
       [--box=x0,y0,x1,y1]
 
 `--box` says where the quoted text goes (pixels), for a box-conditioned run
-(`TextToImageConfig.box_conditioning`), which needs one.
+(`TextToImageConfig.box_conditioning`); without it such a run draws the quoted text where
+its training data would have drawn it (a layout from the data's own renderer, seeded by
+--seed), and says which box that was.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ _PROMPT = flags.DEFINE_string('prompt', None, 'Text prompt.')
 _OUTPUT = flags.DEFINE_string('output', 'sample.png', 'PNG file to write.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 1, 'Images side by side in the output.')
 _BOX = flags.DEFINE_string('box', None, 'x0,y0,x1,y1: the pixel box of the quoted text, for '
-                           'a box-conditioned run.')
+                           "a box-conditioned run (default: one of its data's layouts).")
 
 
 def parse_box(text: str) -> tuple[int, int, int, int]:
@@ -38,10 +40,20 @@ def parse_box(text: str) -> tuple[int, int, int, int]:
   return box
 
 
+def quoted_text(prompt: str) -> str:
+  """The text between the prompt's first double quote and the next (or the end)."""
+  parts = prompt.split('"')
+  if len(parts) < 2 or not parts[1]:
+    raise ValueError('A box-conditioned run lays out the quoted text: quote it in the '
+                     'prompt (A sign that says "...") or give --box=x0,y0,x1,y1.')
+  return parts[1]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported after flag parsing so that --help is fast.
+  from charred.configs import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from charred.configs import runs  # pylint: disable=g-import-not-at-top
   from charred.evaluation import evaluators, grid  # pylint: disable=g-import-not-at-top
   from charred.models import schedulers  # pylint: disable=g-import-not-at-top
@@ -53,10 +65,16 @@ def main(argv):
     run = runs.load_run(sf.WORKDIR.value, sf.CHECKPOINT_STEP.value)
     sampling = evaluators.sampling_config(run.experiment.evaluators)
     generator = run.model.generator(run.params, **sf.generator_kwargs(sampling.guidance_scale))
-    if run.model.config.box_conditioning and _BOX.value is None:
-      raise ValueError('This run is box-conditioned: say where the text goes with '
-                       '--box=x0,y0,x1,y1.')
-    boxes = None if _BOX.value is None else [parse_box(_BOX.value)] * _NUM_IMAGES.value
+    boxes = None
+    if _BOX.value is not None:
+      boxes = [parse_box(_BOX.value)] * _NUM_IMAGES.value
+    elif run.model.config.box_conditioning:
+      data = experiment_lib.eval_data(run.experiment)
+      box = data.layouts([quoted_text(_PROMPT.value)], *run.model.config.image_size,
+                         sf.SEED.value)[0]
+      print(f'Box {",".join(map(str, box))}: where the training data would draw the quoted '
+            'text (--box to choose).')
+      boxes = [box] * _NUM_IMAGES.value
     images = generator([_PROMPT.value] * _NUM_IMAGES.value, seed=sf.SEED.value, boxes=boxes)
   except (PromptTooLongError, FileNotFoundError, ValueError) as e:
     gin_utils.exit_with_error('charred.sample', e)

@@ -158,3 +158,36 @@ def test_the_generator_samples_in_the_boxes_it_is_given():
   plain_model, plain_params = _model_and_params()
   with pytest.raises(ValueError, match='places text itself'):
     plain_model.generator(plain_params, num_steps=2)(['A "x"'], boxes=[(0, 0, 12, 32)])
+
+
+def test_layouts_are_where_the_ground_truth_renders_draw_the_text():
+  from charred.datasets import signs  # pylint: disable=g-import-not-at-top
+  config = signs.ground_truth_config('r1', 32, 128)
+  texts = ['abc', 'Hello', 'WONDERED', 'xy']
+  images = signs.render_ground_truth(texts, config, seed=3)
+  boxes = signs.ground_truth_boxes(texts, config, seed=3)
+  assert boxes.shape == (4, 4) and boxes.dtype == np.int32
+  for image, (x0, y0, x1, y1) in zip(images, boxes):
+    ink = np.argwhere(image.min(axis=-1) < 128)  # black on white
+    assert len(ink) and ink[:, 1].min() >= x0 and ink[:, 1].max() < x1
+    assert ink[:, 0].min() >= y0 and ink[:, 0].max() < y1
+    # Tight: the ink reaches within 2 px of each side of the box.
+    assert ink[:, 1].min() - x0 <= 2 and x1 - 1 - ink[:, 1].max() <= 2
+  assert len({tuple(b) for b in boxes[:, :2]}) > 1  # R1 places the texts anywhere
+
+
+def test_targets_without_a_box_get_the_datas_layout():
+  from charred.evaluation import evaluators  # pylint: disable=g-import-not-at-top
+  targets = [evaluators.RenderingTarget('A "ab".', 'ab', box=(1, 2, 30, 20)),
+             evaluators.RenderingTarget('A "cd".', 'cd')]
+  calls = []
+
+  def layouts(texts, height, width, seed):
+    calls.append((tuple(texts), height, width, seed))
+    return np.array([[5, 6, 7, 8], [9, 10, 40, 30]])
+
+  boxes = evaluators.target_boxes(targets, (32, 128), 7, layouts)
+  np.testing.assert_array_equal(boxes, [[1, 2, 30, 20], [9, 10, 40, 30]])
+  assert calls == [(('ab', 'cd'), 32, 128, 7)]
+  with pytest.raises(ValueError, match='1 have none'):
+    evaluators.target_boxes(targets, (32, 128), 7, None)

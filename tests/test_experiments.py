@@ -157,6 +157,16 @@ def test_ladder_r1_box_trains_samples_and_evaluates_in_boxes(tmp_path):
     bad = run_cli('sample', f'--workdir={workdir}', '--prompt=A sign that says "abc".',
                   f'--box={box}', f'--output={tmp_path / "bad.png"}', check=False)
     assert bad.returncode != 0 and message in bad.stderr
-  bad = run_cli('sample', f'--workdir={workdir}', '--prompt=A sign that says "abc".',
+  # Without --box, the box is one of the data's layouts of the quoted text.
+  laid_out = run_cli('sample', f'--workdir={workdir}', '--prompt=A sign that says "abc".',
+                     f'--output={tmp_path / "prior.png"}', '--steps=2')
+  assert 'where the training data would draw' in laid_out.stdout
+  bad = run_cli('sample', f'--workdir={workdir}', '--prompt=no quotes here',
                 f'--output={tmp_path / "bad.png"}', check=False)
-  assert bad.returncode != 0 and 'box-conditioned: say where' in bad.stderr
+  assert bad.returncode != 0 and 'quote it in the prompt' in bad.stderr
+  # Held-out words from a file get boxes the same way.
+  words = tmp_path / 'words.txt'
+  words.write_text('abc\nHello\n')
+  result = json.loads(run_cli('evaluate', f'--workdir={workdir}', f'--words_file={words}',
+                              '--steps=2').stdout.strip().splitlines()[-1])
+  assert result['num_words'] == 2

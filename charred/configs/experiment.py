@@ -109,7 +109,13 @@ def eval_data(experiment: Experiment) -> evaluators.EvalData:
     return signs.render_ground_truth(
         texts, signs.ground_truth_config(data.builder_config, height, width), seed=seed)
 
-  return evaluators.EvalData(batches, targets, experiment.train.batch_size, ground_truth)
+  def layouts(texts, height: int, width: int, seed: int):
+    from charred.datasets import signs  # pylint: disable=g-import-not-at-top
+    return signs.ground_truth_boxes(
+        texts, signs.ground_truth_config(data.builder_config, height, width), seed=seed)
+
+  return evaluators.EvalData(batches, targets, experiment.train.batch_size, ground_truth,
+                             layouts)
 
 
 def prepare(data: DataConfig) -> None:

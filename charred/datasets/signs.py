@@ -403,7 +403,20 @@ def render_ground_truth(texts, config, seed: int = 0):
   Styles are drawn as training draws them (`ladder.draw`), image i from the rng seeded
   with (seed, i), so the result is a pure function of the arguments.
   """
+  return np.stack([image for image, _ in _drawn(texts, config, seed)])
+
+
+def ground_truth_boxes(texts, config, seed: int = 0) -> np.ndarray:
+  """int32 [N, 4]: the box (x0, y0, x1, y1) of each of `texts` in `render_ground_truth`'s
+  image of it (same arguments): where the data would draw that text. What a
+  box-conditioned model is told for a prompt that comes without a box."""
+  return np.array([text_box(dict(style, text=text))
+                   for text, (_, style) in zip(texts, _drawn(texts, config, seed))], np.int32)
+
+
+def _drawn(texts, config, seed: int):
+  """(image, style) of each of `texts`, drawn with the rng seeded with (seed, i)."""
   if not texts:
     raise ValueError('No texts to render.')
-  return np.stack([ladder.draw(text, np.random.default_rng([seed, i]), config)[0]
-                   for i, text in enumerate(texts)])
+  return [ladder.draw(text, np.random.default_rng([seed, i]), config)
+          for i, text in enumerate(texts)]

@@ -151,6 +151,22 @@ def read_and_score(ocr: OcrReader, images, texts: Sequence[str], buckets: Sequen
           [grid.ocr_label(t, r) for t, r in zip(texts, read)])
 
 
+def target_boxes(targets: Sequence[RenderingTarget], image_size: tuple[int, int], seed: int,
+                 layouts: Callable[..., np.ndarray] | None = None) -> np.ndarray:
+  """int32 [N, 4]: each target's box; where a target has none, where the data would draw
+  its text (`layouts`, seeded as the ceiling's renders, so those show it in that box)."""
+  boxes = [t.box for t in targets]
+  missing = [i for i, b in enumerate(boxes) if b is None]
+  if missing:
+    if layouts is None:
+      raise ValueError(f'A box-conditioned model needs a box for every prompt; {len(missing)} '
+                       f'have none (e.g. {targets[missing[0]].prompt!r}) and the data draws '
+                       'no layouts.')
+    drawn = layouts([t.text for t in targets], *image_size, seed)
+    boxes = [drawn[i] if b is None else b for i, b in enumerate(boxes)]
+  return np.array(boxes, np.int32).reshape(-1, 4)
+
+
 class TextRenderingEvaluator:
   """Samples a fixed grid of held-out prompts and scores them with OCR.
 
@@ -164,7 +180,8 @@ class TextRenderingEvaluator:
 
   def __init__(self, model: DiffusionModel, targets: Sequence[RenderingTarget],
                sample_dir: str | None, config: SampleEvalConfig, ocr: OcrReader | None = None,
-               ground_truth: Callable[..., np.ndarray] | None = None):
+               ground_truth: Callable[..., np.ndarray] | None = None,
+               layouts: Callable[..., np.ndarray] | None = None):
     self.targets = list(targets)[:config.num_prompts]
     if not self.targets:
       raise ValueError('TextRenderingEvaluator: no prompts to sample.')
@@ -180,11 +197,7 @@ class TextRenderingEvaluator:
     self.picture = None
     self.boxes = None
     if model.config.box_conditioning:
-      missing = [t.prompt for t in self.targets if t.box is None]
-      if missing:
-        raise ValueError(f'A box-conditioned model needs a box for every prompt; '
-                         f'{len(missing)} have none, e.g. {missing[0]!r}.')
-      self.boxes = np.array([t.box for t in self.targets], np.int32)
+      self.boxes = target_boxes(self.targets, model.config.image_size, config.seed, layouts)
 
   def attention_picture(self, params, images: np.ndarray) -> np.ndarray:
     """The per-letter cross-attention rows (attention_maps.letter_rows) of `images`,
@@ -254,12 +267,15 @@ class EvalData:
 
   `batches(split, batch_size)`: that split's batches in a fixed order, once through;
   `targets(split)`: its `RenderingTarget`s in order; `ground_truth(texts, height, width,
-  seed)`: uint8 renders of the texts as the data draws them (None: not available).
+  seed)`: uint8 renders of the texts as the data draws them (None: not available);
+  `layouts(texts, height, width, seed)`: int [N, 4], the box of each text in those renders
+  (where the data would draw it: a box-conditioned model's box for a target without one).
   """
   batches: Callable[[str, int], Iterable[Mapping[str, Any]]]
   targets: Callable[[str], Sequence[RenderingTarget]]
   batch_size: int
   ground_truth: Callable[..., np.ndarray] | None = None
+  layouts: Callable[..., np.ndarray] | None = None
 
 
 _BUILDERS: dict[type, Callable[..., Evaluator]] = {}
@@ -283,7 +299,7 @@ def _validation(config: ValidationConfig, model, data: EvalData, workdir):
 def _text_rendering(config: SampleEvalConfig, model, data: EvalData, workdir):
   return TextRenderingEvaluator(model, data.targets(config.split),
                                 workdir and os.path.join(workdir, 'samples'), config,
-                                ground_truth=data.ground_truth)
+                                ground_truth=data.ground_truth, layouts=data.layouts)
 
 
 def check(configs: Mapping[str, Any]) -> None:
