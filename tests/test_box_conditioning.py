@@ -12,6 +12,7 @@ from charred.models import generation
 from charred.models import t5_encoder
 from charred.models import text_to_image as t2i
 from charred.models import unet as unet_lib
+from test_quote_positions import tiny_config
 
 CAPTIONS = ['A sign that says "Hello".', 'It says "naïve"!', 'no quote', 'Open "ended']
 LENGTH = 40
@@ -69,22 +70,12 @@ def test_box_mask_hides_the_quoted_tokens_outside_the_box_only():
     np.testing.assert_array_equal(got[cell], expected, err_msg=f'cell {cell}')
 
 
-def _tiny_config(**kwargs):
-  enc = t5_encoder.T5EncoderConfig(vocab_size=384, d_model=16, num_heads=2, head_dim=8,
-                                   d_ff=32, num_layers=1)
-  unet = unet_lib.UNetConfig(
-      in_channels=48, out_channels=48, block_out_channels=(8, 16),
-      down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
-      up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), layers_per_block=1,
-      attention_head_dim=(2, 2), cross_attention_dim=16, norm_num_groups=4,
-      query_positions='sinusoidal', position_span=10.0)
-  return t2i.TextToImageConfig(text_encoder=enc, unet=unet, text_length=LENGTH,
-                               image_size=(32, 128), patch_size=4, prediction_type='sample',
-                               quote_positions=True, **kwargs)
-
-
 def _model_and_params(**kwargs):
-  model = dm.DiffusionModel(_tiny_config(**kwargs))
+  # The default's geometry: 32x128 signs on 4x4 patches.
+  model = dm.DiffusionModel(tiny_config(
+      dict(in_channels=48, out_channels=48, query_positions='sinusoidal', position_span=10.0),
+      text_length=LENGTH, image_size=(32, 128), patch_size=4, prediction_type='sample',
+      quote_positions=True, **kwargs))
   return model, model.init_params(jax.random.PRNGKey(0))
 
 

@@ -46,24 +46,26 @@ def test_the_kth_quoted_letter_has_one_position_whatever_the_template():
     assert row[first - 1] == -1  # the quote itself
 
 
-def _tiny_config(**kwargs):
+def tiny_config(unet=None, **kwargs) -> t2i.TextToImageConfig:
+  """A two-level pixel model on 3 channels; `unet`: UNetConfig fields to change, kwargs:
+  TextToImageConfig's."""
   enc = t5_encoder.T5EncoderConfig(vocab_size=384, d_model=16, num_heads=2, head_dim=8,
                                    d_ff=32, num_layers=1)
-  unet = unet_lib.UNetConfig(
-      in_channels=3, out_channels=3, block_out_channels=(8, 16),
-      down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
-      up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), layers_per_block=1,
-      attention_head_dim=(2, 2), cross_attention_dim=16, norm_num_groups=4,
-      text_positions=kwargs.pop('text_positions', None))
-  return t2i.TextToImageConfig(text_encoder=enc, unet=unet, text_length=32,
-                               image_size=(8, 16), **kwargs)
+  unet = unet_lib.UNetConfig(**{
+      **dict(in_channels=3, out_channels=3, block_out_channels=(8, 16),
+             down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+             up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), layers_per_block=1,
+             attention_head_dim=(2, 2), cross_attention_dim=16, norm_num_groups=4),
+      **(unet or {})})
+  return t2i.TextToImageConfig(**{**dict(text_encoder=enc, unet=unet, text_length=32,
+                                         image_size=(8, 16)), **kwargs})
 
 
 def test_encode_text_adds_the_sinusoids_of_the_quote_positions():
   captions = ['A sign that says "Hi".', 'It says "Hi".']
   tokens, mask = (jnp.asarray(a) for a in tokenizer.encode_batch(captions, 32))
-  with_pos = t2i.TextToImage(_tiny_config(quote_positions=True))
-  without = t2i.TextToImage(_tiny_config())
+  with_pos = t2i.TextToImage(tiny_config(quote_positions=True))
+  without = t2i.TextToImage(tiny_config())
   x = jnp.zeros((2, 8, 16, 3))
   params = with_pos.init(jax.random.PRNGKey(0), x, jnp.zeros(2, jnp.int32), tokens, mask)
   encode = lambda m: m.apply(params, tokens, mask, method=t2i.TextToImage.encode_text)
@@ -82,4 +84,4 @@ def test_encode_text_adds_the_sinusoids_of_the_quote_positions():
 
 def test_quote_positions_refuse_a_second_text_position():
   with pytest.raises(ValueError, match='quote_positions replaces unet.text_positions'):
-    _tiny_config(quote_positions=True, text_positions='sinusoidal')
+    tiny_config(dict(text_positions='sinusoidal'), quote_positions=True)
