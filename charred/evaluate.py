@@ -120,6 +120,7 @@ def main(argv):
   from charred.evaluation import prompts_file  # pylint: disable=g-import-not-at-top
   from charred.models import schedulers  # pylint: disable=g-import-not-at-top
   from charred.models.generation import PromptTooLongError  # pylint: disable=g-import-not-at-top
+  from charred.trainers.checkpoints import CheckpointError  # pylint: disable=g-import-not-at-top
   if not sf.WORKDIR.value:
     gin_utils.exit_with_error('charred.evaluate', ValueError('--workdir is required.'))
   if _WORDS_FILE.value and _PROMPTS_FILE.value:
@@ -159,7 +160,7 @@ def main(argv):
         rendering = (evaluator, config)
         metrics = {k.removeprefix('eval/'): v for k, v in metrics.items()}
       result.update((k, v) for k, v in metrics.items() if not k.endswith('seconds'))
-  except (PromptTooLongError, FileNotFoundError, ValueError) as e:
+  except (PromptTooLongError, FileNotFoundError, ValueError, CheckpointError) as e:
     gin_utils.exit_with_error('charred.evaluate', e)
   if rendering:
     evaluator, config = rendering

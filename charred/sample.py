@@ -58,6 +58,7 @@ def main(argv):
   from charred.evaluation import evaluators, grid  # pylint: disable=g-import-not-at-top
   from charred.models import schedulers  # pylint: disable=g-import-not-at-top
   from charred.models.generation import PromptTooLongError  # pylint: disable=g-import-not-at-top
+  from charred.trainers.checkpoints import CheckpointError  # pylint: disable=g-import-not-at-top
   if not sf.WORKDIR.value or _PROMPT.value is None:
     gin_utils.exit_with_error('charred.sample', ValueError('--workdir and --prompt are required.'))
   try:
@@ -76,7 +77,7 @@ def main(argv):
             'text (--box to choose).')
       boxes = [box] * _NUM_IMAGES.value
     images = generator([_PROMPT.value] * _NUM_IMAGES.value, seed=sf.SEED.value, boxes=boxes)
-  except (PromptTooLongError, FileNotFoundError, ValueError) as e:
+  except (PromptTooLongError, FileNotFoundError, ValueError, CheckpointError) as e:
     gin_utils.exit_with_error('charred.sample', e)
   picture = np.concatenate(list(images), axis=1)
   os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)

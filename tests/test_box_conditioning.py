@@ -182,3 +182,29 @@ def test_targets_without_a_box_get_the_datas_layout():
   assert calls == [(('ab', 'cd'), 32, 128, 7)]
   with pytest.raises(ValueError, match='1 have none'):
     evaluators.target_boxes(targets, (32, 128), 7, None)
+
+
+@pytest.mark.parametrize('anchored', [True, False])
+def test_anchored_patches_draw_a_moved_box_as_the_same_picture_moved(anchored):
+  """With the grid anchored at the box, moving the box (and the noisy image) by d < patch
+  pixels moves the prediction by d exactly; with a fixed grid it does not."""
+  model, params = _model_and_params(box_conditioning=True, anchor_patches=anchored)
+  tokens, mask = _encode(['A sign that says "Hello".'])
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 32, 128, 3))
+  ctx = model.encode_text(params, tokens, mask)
+
+  def predict(image, box):
+    layout = t2i.text_layout(tokens, mask, np.array([box]), (32, 128))
+    return np.asarray(model.module.apply({'params': params}, image, jnp.array([300]), ctx,
+                                         mask, layout, method=t2i.TextToImage.denoise))
+
+  base = predict(x, (16, 8, 76, 28))  # corner on the 4 px grid
+  dy, dx = 1, 3
+  moved = predict(jnp.roll(x, (dy, dx), axis=(1, 2)), (16 + dx, 8 + dy, 76 + dx, 28 + dy))
+  error = np.abs(moved - np.roll(base, (dy, dx), axis=(1, 2))).max()
+  assert (error < 1e-4) if anchored else (error > 1e-2)
+
+
+def test_anchor_patches_needs_boxes():
+  with pytest.raises(ValueError, match='set box_conditioning=True'):
+    tiny_config(quote_positions=True, anchor_patches=True)

@@ -27,7 +27,7 @@ from charred.models import preprocess as preprocess_lib
 from charred.models.generation import ImageGenerator
 from charred.models.image_codec import PixelCodec
 from charred.models.text_to_image import TextToImage, TextToImageConfig, init_params
-from charred.models.text_to_image import text_layout
+from charred.models.text_to_image import anchor_shift, roll, text_layout
 
 # One random stream per kind of draw, per example.
 _DROP, _TIMESTEP, _NOISE, _ENCODE, _AUGMENT = range(5)
@@ -278,15 +278,21 @@ class DiffusionModel:
     terms = {'diffusion': jnp.mean(loss)}
     keep = ~self.caption_drop_mask(rng, first_example, b)
     sown = flax.traverse_util.flatten_dict(intermediates) if glyphs or chars else {}
+    glyph_maps = {k: batch[k] for k in ('glyph_tokens', 'glyph_chars') if k in batch}
+    if (glyphs or chars) and mc.anchor_patches:
+      # The U-Net attended in its anchored frame: move the pixel targets there too.
+      shift = anchor_shift(layout, x_t.shape[1:3], mc.patch_size)
+      glyph_maps = {k: roll(v, -shift * self.codec.downsample_factor)
+                    for k, v in glyph_maps.items()}
     if glyphs:
       maps = [v for path, value in sown.items() if 'cross_attention' in path for v in value]
       terms['attention'] = objective.attention_loss_weight * losses.glyph_attention_loss(
-          maps, batch['glyph_tokens'], keep,
+          maps, glyph_maps['glyph_tokens'], keep,
           batch['blank_tokens'] if objective.attention_loss_blank else None)
     if chars:
       logits = [v for path, value in sown.items() if 'char_logits' in path for v in value]
       terms['char'] = objective.char_loss_weight * losses.glyph_char_loss(
-          logits[0], batch['glyph_chars'], keep)
+          logits[0], glyph_maps['glyph_chars'], keep)
     return terms
 
   def layout(self, batch):

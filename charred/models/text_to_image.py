@@ -53,6 +53,11 @@ class TextToImageConfig:
   # counts image columns in the box's frame, and the quoted characters are visible only
   # to the cells inside it (unet.TextLayout). Needs quote_positions.
   box_conditioning: bool = False
+  # With box_conditioning and patches (patch_size > 1): the patch grid is anchored at the
+  # box's top-left corner (the image is rolled by less than a patch before space-to-depth
+  # and back after), so a text drawn from its box's corner always meets the patches at one
+  # phase, as the grid-aligned signs do, wherever the box is.
+  anchor_patches: bool = False
 
   def text_tokenizer(self):
     """None for bytes (charred.tokenizer), else the subword tokenizer object."""
@@ -78,6 +83,9 @@ class TextToImageConfig:
     if self.box_conditioning and not self.quote_positions:
       raise ValueError('box_conditioning counts the box in quoted characters: set '
                        'quote_positions=True.')
+    if self.anchor_patches and not self.box_conditioning:
+      raise ValueError('anchor_patches anchors the patch grid at the text box: set '
+                       'box_conditioning=True.')
 
   def check_codec(self, codec) -> None:
     """The U-Net must take and give `codec.channels * patch_size**2` channels, and
@@ -122,9 +130,13 @@ class TextToImage(nn.Module):
     """One network evaluation on noisy images or latents [B, h, w, C]; `layout` (see
     `text_layout`) for the box-conditioned model."""
     p = self.config.patch_size
-    out = self.unet(space_to_depth(x_t, p), timesteps, context, mask,
-                    deterministic=deterministic, layout=layout)
-    return depth_to_space(out, p)
+    shift = None
+    if self.config.anchor_patches and layout is not None:
+      shift = anchor_shift(layout, x_t.shape[1:3], p)
+      x_t, layout = roll(x_t, -shift), shifted_layout(layout, -shift, x_t.shape[1:3])
+    out = depth_to_space(self.unet(space_to_depth(x_t, p), timesteps, context, mask,
+                                   deterministic=deterministic, layout=layout), p)
+    return out if shift is None else roll(out, shift)
 
   def __call__(self, x_t, timesteps, tokens, mask, deterministic: bool = True):
     context = self.encode_text(tokens, mask, deterministic)
@@ -161,6 +173,28 @@ def text_layout(tokens, mask, boxes, image_size: tuple[int, int]) -> TextLayout:
   h, w = image_size
   scale = jnp.array([w, h, w, h], jnp.float32)
   return TextLayout(jnp.asarray(boxes, jnp.float32) / scale, in_span, chars)
+
+
+def anchor_shift(layout: TextLayout, size: tuple[int, int], p: int):
+  """int32 [B, 2]: (dy, dx), each box's top-left corner modulo the patch size `p`, in the
+  pixels of a [B, *size] image: rolling the image by minus that puts the corner on the
+  patch grid."""
+  h, w = size
+  corner = layout.boxes[:, :2] * jnp.array([w, h], jnp.float32)  # (x0, y0)
+  corner = jnp.floor(corner + 1e-3).astype(jnp.int32)  # boxes are whole pixels
+  return jnp.mod(corner[:, ::-1], p)
+
+
+def roll(x, shift):
+  """x [B, H, W, ...] with example b rolled by shift[b] = (dy, dx) pixels (wrapping)."""
+  return jax.vmap(lambda xb, s: jnp.roll(xb, (s[0], s[1]), axis=(0, 1)))(x, shift)
+
+
+def shifted_layout(layout: TextLayout, shift, size: tuple[int, int]) -> TextLayout:
+  """`layout` with every box moved by shift [B, 2] = (dy, dx) pixels of a `size` image."""
+  h, w = size
+  d = shift[:, ::-1].astype(jnp.float32) / jnp.array([w, h], jnp.float32)
+  return layout._replace(boxes=layout.boxes + jnp.concatenate([d, d], axis=1))
 
 
 def space_to_depth(x, p: int):

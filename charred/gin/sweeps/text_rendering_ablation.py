@@ -15,7 +15,8 @@ GIN_FILES = ['experiments/typography_tiny.gin']
 _STEPS = {'TRAIN_STEPS': 2000}
 # The default's switches, each off alone, then all off.
 _NO_ATTENTION_LOSS = {'diffusion_model.ObjectiveConfig.attention_loss_weight': 0.0}
-_NO_POSITIONS = {'unet.UNetConfig.text_positions': None,
+_NO_POSITIONS = {'text_to_image.TextToImageConfig.quote_positions': False,
+                 'unet.UNetConfig.text_positions': None,
                  'unet.UNetConfig.query_positions': None}
 _ALL_OFF = {**_NO_ATTENTION_LOSS, **_NO_POSITIONS}
 # Training signal that costs little, each added alone.

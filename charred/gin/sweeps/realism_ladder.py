@@ -1,0 +1,33 @@
+"""The realism ladder (issue 23): alignments measured rung by rung, one change per trial.
+
+  python -m charred.sweep --sweep_file=gin/sweeps/realism_ladder.py \
+      --workdir=runs/realism_ladder [--parallel=2]
+
+Every trial is `typography_tiny`'s model and recipe (4,000 steps of 16, seed 0) on one
+rung's data (`experiment.DataConfig.builder_config`: 'tiny_grid' is R0, 'r1' free
+placement, ...), scored by `charred.evaluate` on the rung's 300 held-out validation words
+(50 DDIM steps, guidance 1). docs/text_rendering.md holds the table, with the trials cut
+short at 2,000 steps marked. About 25 minutes a trial on a 2-core CPU, two at a time.
+"""
+
+NAME = 'realism_ladder'
+GIN_FILES = ['experiments/typography_tiny.gin']
+
+# Text positions by byte index from the caption's start (the default before issue 23).
+_BYTE_POSITIONS = {'text_to_image.TextToImageConfig.quote_positions': False,
+                   'unet.UNetConfig.text_positions': 'sinusoidal'}
+_R1 = {'experiment.DataConfig.builder_config': 'r1'}
+_BOX = {'text_to_image.TextToImageConfig.box_conditioning': True}
+_ANCHOR = {**_BOX, 'text_to_image.TextToImageConfig.anchor_patches': True}
+_NO_QUERY_POSITIONS = {'unet.UNetConfig.query_positions': None}
+
+
+def get_sweep():
+  return [
+      _BYTE_POSITIONS,  # R0, the previous default
+      {},  # R0, quote positions (the default)
+      _R1,  # R1 layout-free
+      {**_R1, **_NO_QUERY_POSITIONS},  # R1 layout-free, no image-column positions
+      {**_R1, **_BOX},  # R1, the box-conditioned arm
+      {**_R1, **_ANCHOR},  # R1, box-conditioned, patches anchored at the box
+  ]
