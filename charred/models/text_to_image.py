@@ -13,14 +13,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from charred import tokenizer
 from charred.models import diffusion
 from charred.models.t5_encoder import T5Encoder, T5EncoderConfig
 from charred.models.unet import TextLayout, UNet, UNetConfig, sinusoidal_positions
 
-# ByT5 ids are byte + 3 (0 pad, 1 EOS, 2 UNK): the opening quote, and the range of UTF-8
-# continuation bytes 0x80-0xBF, which belong to the character their lead byte starts.
-QUOTE_ID = ord('"') + 3
-_CONTINUATION_IDS = (0x80 + 3, 0xBF + 3)
+# ByT5 ids are bytes shifted past the special tokens: the opening quote, and the range of
+# UTF-8 continuation bytes 0x80-0xBF, which belong to the character their lead byte starts.
+QUOTE_ID = ord('"') + tokenizer.NUM_SPECIAL_TOKENS
+_CONTINUATION_IDS = (0x80 + tokenizer.NUM_SPECIAL_TOKENS, 0xBF + tokenizer.NUM_SPECIAL_TOKENS)
 
 
 @dataclasses.dataclass(frozen=True)
