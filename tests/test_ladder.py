@@ -261,3 +261,19 @@ def test_rendering_the_ladder_imports_no_tensorflow():
                         check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.splitlines() == ['[]', 'True'], proc.stdout
+
+
+def test_line_boxes_sit_one_distance_above_the_baseline_whatever_the_letters():
+  def tops_above_baseline(name):
+    src = signs.SignsSource(name, 'train')
+    tops = set()
+    for i in range(40):
+      ex = src[i]
+      x0, y0, x1, y1 = ex['text_box']
+      ys, xs = np.nonzero(ex['text_mask'])
+      assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
+      tops.add(ex['y'] - y0)  # 'y': the baseline
+    return tops
+  ascent, _ = render.load_font('DejaVuSansMono.ttf', 20).getmetrics()
+  assert tops_above_baseline('r1_line') == {ascent}
+  assert len(tops_above_baseline('r1')) > 1  # ink boxes follow ascenders

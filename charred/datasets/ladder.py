@@ -11,8 +11,9 @@ Every random choice comes from the caller's generator, in a fixed order, so an e
 is a pure function of (config, split, index). The text is drawn into a coverage mask
 (PIL, BASIC layout), rotated as one layer, then composited over the background; the
 mask is returned as `text_mask`, and each character's box is its advance cell widened
-to its own ink, over the line's ink height, rotated with the layer and taken as the
-axis-aligned bounds (`boxes`; their union over non-spaces is `text_box`).
+to its own ink, over the line's ink height (or, with `RenderConfig.line_boxes`, the
+font's ascent to descent), rotated with the layer and taken as the axis-aligned bounds
+(`boxes`; their union over non-spaces is `text_box`).
 """
 from __future__ import annotations
 
@@ -156,11 +157,15 @@ def _rotate(points: np.ndarray, centre, degrees: float) -> np.ndarray:
                    centre[1] - d[:, 0] * math.sin(t) + d[:, 1] * math.cos(t)], axis=1)
 
 
-def _layout(font_name: str, size: int, text: str, angle: float):
+def _layout(font_name: str, size: int, text: str, angle: float, line_boxes: bool = False):
   """(boxes [N, 4] float relative to the 'ls' origin after rotation about `centre`,
-  centre): each character's advance cell widened to its ink, over the line's ink."""
+  centre): each character's advance cell widened to its ink, over the line's ink, or,
+  with `line_boxes`, over the font's ascent and descent (and any ink beyond them)."""
   font = render_lib.load_font(font_name, size)
   _, top, _, bottom = font.getbbox(text, anchor="ls")
+  if line_boxes:
+    ascent, descent = font.getmetrics()
+    top, bottom = min(top, -ascent), max(bottom, descent)
   edges = [font.getlength(text[:k]) for k in range(len(text) + 1)]
   cells = []
   for k, ch in enumerate(text):
@@ -217,7 +222,7 @@ def render(text: str, rng: np.random.Generator, config: render_lib.RenderConfig,
       text_rgb, background = (tuple(int(c) for c in rgb) for rgb in config.colors)
 
   while True:  # Shrink until the (rotated) text fits.
-    boxes, centre = _layout(font_name, size, text, angle)
+    boxes, centre = _layout(font_name, size, text, angle, config.line_boxes)
     x_lo, x_hi = _offsets(boxes[:, 0].min(), boxes[:, 2].max(), width, config.margin)
     y_lo, y_hi = _offsets(boxes[:, 1].min(), boxes[:, 3].max(), height, 0)
     fits = x_lo <= x_hi and y_lo <= y_hi

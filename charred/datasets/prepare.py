@@ -47,42 +47,49 @@ from absl import logging
 from charred.datasets import jxl_shards
 from charred.datasets import shard_inputs
 
-_BUILDER = flags.DEFINE_string("builder", None, "TFDS builder NAME[/CONFIG][:VERSION].")
-_TASK = flags.DEFINE_string("task", None, "A web source read through its quality-filtered "
-                            "SeqIO task: laion_hr or wit (instead of --builder).")
-_FILTERS = flags.DEFINE_list("filters", None, "With --task: the quality filters, in order "
-                             "(default: source_tasks.DEFAULT_FILTERS; empty for none).")
-_FILTER_ARGS = flags.DEFINE_multi_string(
-    "filter_args", [], "With --task: FILTER.PARAMETER=VALUE, a filter's parameter other "
-    "than its default, e.g. aesthetic.min_score=6.5 (repeatable).")
-_REBALANCE = flags.DEFINE_integer("rebalance", None, "With --task: write this many examples "
-                                  "drawn with languages at mT5's distribution.")
-_MAX_REPEAT = flags.DEFINE_float("max_repeat", None, "With --rebalance: read no language "
-                                 "more than this many times.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Local source files of the builder.")
-_SPLIT = flags.DEFINE_string("split", "train", "Split, with TFDS slicing if wanted.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_FORMAT = flags.DEFINE_enum("format", "array_record", list(jxl_shards.FORMATS),
-                            "Record file format.")
-_QUALITY = flags.DEFINE_string("quality", "1.0",
-                               "'lossless', a Butteraugli distance (1.0, d1.0) or a "
-                               "libjxl quality (q90).")
-_EFFORT = flags.DEFINE_integer("effort", jxl_shards.JxlSettings.effort, "libjxl effort 1-9.")
-_DECODING_SPEED = flags.DEFINE_integer("decoding_speed", jxl_shards.JxlSettings.decoding_speed,
-                                       "libjxl decoding speed tier 0-4.")
-_EXAMPLES_PER_SHARD = flags.DEFINE_integer("examples_per_shard", 1000, "Records per shard.")
-_MAX_PIXELS = flags.DEFINE_integer("max_pixels", None,
-                                   "Downscale larger images to this many pixels.")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "Encoder threads (all cores).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete and replace an existing --out.")
-_RUNNER = flags.DEFINE_string("runner", None, "Run as an Apache Beam pipeline on this runner: "
-                              "'direct' (DirectRunner, one process per core), "
-                              "DataflowRunner, FlinkRunner, ... (needs charred[beam]). "
-                              "The builder is then generated through Beam too.")
-_BEAM_OPTIONS = flags.DEFINE_string("beam_pipeline_options", None, "With --runner: Beam "
-                                    "pipeline options, 'key=value,key=value' (as tfds build "
-                                    "takes them).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defined only when the command runs, so that this module (imported for `prepare` and
+  `prepare_task`) imports beside the other commands, which define some of the same names."""
+  flags.DEFINE_string("builder", None, "TFDS builder NAME[/CONFIG][:VERSION].")
+  flags.DEFINE_string("task", None, "A web source read through its quality-filtered "
+                      "SeqIO task: laion_hr or wit (instead of --builder).")
+  flags.DEFINE_list("filters", None, "With --task: the quality filters, in order "
+                    "(default: source_tasks.DEFAULT_FILTERS; empty for none).")
+  flags.DEFINE_multi_string(
+      "filter_args", [], "With --task: FILTER.PARAMETER=VALUE, a filter's parameter other "
+      "than its default, e.g. aesthetic.min_score=6.5 (repeatable).")
+  flags.DEFINE_integer("rebalance", None, "With --task: write this many examples "
+                       "drawn with languages at mT5's distribution.")
+  flags.DEFINE_float("max_repeat", None, "With --rebalance: read no language "
+                     "more than this many times.")
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
+  flags.DEFINE_string("manual_dir", None, "Local source files of the builder.")
+  flags.DEFINE_string("split", "train", "Split, with TFDS slicing if wanted.")
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_enum("format", "array_record", list(jxl_shards.FORMATS),
+                    "Record file format.")
+  flags.DEFINE_string("quality", "1.0",
+                      "'lossless', a Butteraugli distance (1.0, d1.0) or a "
+                      "libjxl quality (q90).")
+  flags.DEFINE_integer("effort", jxl_shards.JxlSettings.effort, "libjxl effort 1-9.")
+  flags.DEFINE_integer("decoding_speed", jxl_shards.JxlSettings.decoding_speed,
+                       "libjxl decoding speed tier 0-4.")
+  flags.DEFINE_integer("examples_per_shard", 1000, "Records per shard.")
+  flags.DEFINE_integer("max_pixels", None,
+                       "Downscale larger images to this many pixels.")
+  flags.DEFINE_integer("num_workers", None, "Encoder threads (all cores).")
+  flags.DEFINE_bool("overwrite", False, "Delete and replace an existing --out.")
+  flags.DEFINE_string("runner", None, "Run as an Apache Beam pipeline on this runner: "
+                      "'direct' (DirectRunner, one process per core), "
+                      "DataflowRunner, FlinkRunner, ... (needs charred[beam]). "
+                      "The builder is then generated through Beam too.")
+  flags.DEFINE_string("beam_pipeline_options", None, "With --runner: Beam "
+                      "pipeline options, 'key=value,key=value' (as tfds build "
+                      "takes them).")
+
 
 def prepare_task(source: str, split: str, out: str, *,
                  filter_names: Sequence[str] | None = None,
@@ -232,28 +239,28 @@ def main(argv):
     sys.exit(f"{prog}: error: unexpected arguments {argv[1:]}")
   start = time.time()
   try:
-    if bool(_BUILDER.value) == bool(_TASK.value) or not _OUT.value:
+    if bool(FLAGS.builder) == bool(FLAGS.task) or not FLAGS.out:
       raise ValueError("--out and exactly one of --builder or --task are required.")
-    if ((_FILTERS.value is not None or _FILTER_ARGS.value or _REBALANCE.value)
-        and not _TASK.value):
+    if ((FLAGS.filters is not None or FLAGS.filter_args or FLAGS.rebalance)
+        and not FLAGS.task):
       raise ValueError("--filters, --filter_args and --rebalance apply to --task only (a "
                        "builder is read as stored).")
-    settings = jxl_shards.JxlSettings.parse(_QUALITY.value, effort=_EFFORT.value,
-                                            decoding_speed=_DECODING_SPEED.value)
-    options = dict(data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value,
-                   record_format=_FORMAT.value, settings=settings,
-                   examples_per_shard=_EXAMPLES_PER_SHARD.value, max_pixels=_MAX_PIXELS.value,
-                   num_workers=_NUM_WORKERS.value, overwrite=_OVERWRITE.value,
-                   runner=_RUNNER.value, beam_options=_BEAM_OPTIONS.value)
-    if _TASK.value:
+    settings = jxl_shards.JxlSettings.parse(FLAGS.quality, effort=FLAGS.effort,
+                                            decoding_speed=FLAGS.decoding_speed)
+    options = dict(data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
+                   record_format=FLAGS.format, settings=settings,
+                   examples_per_shard=FLAGS.examples_per_shard, max_pixels=FLAGS.max_pixels,
+                   num_workers=FLAGS.num_workers, overwrite=FLAGS.overwrite,
+                   runner=FLAGS.runner, beam_options=FLAGS.beam_pipeline_options)
+    if FLAGS.task:
       from charred.datasets import source_tasks  # pylint: disable=g-import-not-at-top
-      manifest = prepare_task(_TASK.value, _SPLIT.value, _OUT.value,
-                              filter_names=_FILTERS.value,
-                              filter_args=source_tasks.parse_filter_args(_FILTER_ARGS.value),
-                              rebalance=_REBALANCE.value,
-                              max_repeat=_MAX_REPEAT.value, **options)
+      manifest = prepare_task(FLAGS.task, FLAGS.split, FLAGS.out,
+                              filter_names=FLAGS.filters,
+                              filter_args=source_tasks.parse_filter_args(FLAGS.filter_args),
+                              rebalance=FLAGS.rebalance,
+                              max_repeat=FLAGS.max_repeat, **options)
     else:
-      manifest = prepare(_BUILDER.value, _SPLIT.value, _OUT.value, **options)
+      manifest = prepare(FLAGS.builder, FLAGS.split, FLAGS.out, **options)
   except (ValueError, OSError) as e:
     from charred.configs import gin_utils  # pylint: disable=g-import-not-at-top
     gin_utils.exit_with_error(prog, e)
@@ -263,9 +270,10 @@ def main(argv):
   if manifest["filtered"]:
     skipped += "; filtered: " + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none")
   print(f"{manifest['num_records']} records in {len(manifest['shards'])} shards, "
-        f"{manifest['total_bytes']:,} bytes -> {_OUT.value} (skipped: {skipped}; "
+        f"{manifest['total_bytes']:,} bytes -> {FLAGS.out} (skipped: {skipped}; "
         f"{time.time() - start:.1f} s)")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -68,6 +68,9 @@ class RenderConfig:
     held_out_fonts: fonts of an evaluation split's held-out faces (set per split by
       signs.SignsSource), drawn with `held_out_probability` instead of `fonts`.
     held_out_probability: see `held_out_fonts`.
+    line_boxes: 'anywhere' boxes span the font's ascent to descent (the line a caller
+      would mark), not the text's own ink: the box's top is then one distance above the
+      baseline whatever the letters, as it is in a layout a user draws.
   """
   height: int = 32
   width: int = 128
@@ -85,6 +88,7 @@ class RenderConfig:
   rotation: float = 0.0
   held_out_fonts: tuple[str, ...] = ()
   held_out_probability: float = 0.5
+  line_boxes: bool = False
 
 
 def font_dir() -> str:

@@ -133,9 +133,12 @@ R3 = dataclasses.replace(R2, render=dataclasses.replace(
 # characters; captions of at most 95 bytes (text_length 96 with EOS).
 R4 = dataclasses.replace(R3, render=dataclasses.replace(
     R3.render, height=64, width=256, font_size=(20, 44)), language=ladder.LanguageConfig())
+# R1 with line boxes (render.RenderConfig.line_boxes): the box's vertical extent is the
+# font's line, not the word's ink.
+R1_LINE = dataclasses.replace(R1, render=dataclasses.replace(R1.render, line_boxes=True))
 CONFIGS = {"tiny": TINY, "tiny_bw": TINY_BW, "tiny_grid": TINY_GRID, "tiny16": TINY16,
            "micro": MICRO, "base": BASE, "r0": TINY_GRID, "r1": R1, "r2": R2, "r3": R3,
-           "r4": R4}
+           "r4": R4, "r1_line": R1_LINE}
 
 
 def get_config(name: str) -> SignsConfig:

@@ -16,9 +16,15 @@ import re
 from absl import app
 from absl import flags
 
-_RUNS = flags.DEFINE_multi_string('run', [], "'name=workdir' or 'name=train.log@batch_size'.")
-_METRIC = flags.DEFINE_string('metric', 'exact_match_ci', 'Metric on the y axis.')
-_OUTPUT = flags.DEFINE_string('output', 'curves.png', 'Where the PNG goes.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defined only when the command runs: `charred.sample` has an --output too."""
+  flags.DEFINE_multi_string('run', [], "'name=workdir' or 'name=train.log@batch_size'.")
+  flags.DEFINE_string('metric', 'exact_match_ci', 'Metric on the y axis.')
+  flags.DEFINE_string('output', 'curves.png', 'Where the PNG goes.')
+
 
 _EVAL_LINE = re.compile(r'^eval text_rendering @ (\d+): (.*)$')
 
@@ -79,16 +85,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   curves = {}
-  for spec in _RUNS.value:
+  for spec in FLAGS.run:
     name, _, path = spec.partition('=')
     path, _, batch = path.partition('@')
     batch = int(batch) if batch else batch_size(path)
-    curves[name] = [(step * batch, v) for step, v in read_curve(path, _METRIC.value)]
+    curves[name] = [(step * batch, v) for step, v in read_curve(path, FLAGS.metric)]
   if not curves:
     raise app.UsageError('Give at least one --run=NAME=PATH.')
-  plot(curves, _METRIC.value, _OUTPUT.value)
-  print(f'Wrote {_OUTPUT.value}')
+  plot(curves, FLAGS.metric, FLAGS.output)
+  print(f'Wrote {FLAGS.output}')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -17,6 +17,12 @@ GIN_FILES = ['experiments/typography_tiny.gin']
 _BYTE_POSITIONS = {'text_to_image.TextToImageConfig.quote_positions': False,
                    'unet.UNetConfig.text_positions': 'sinusoidal'}
 _R1 = {'experiment.DataConfig.builder_config': 'r1'}
+_R2 = {'experiment.DataConfig.builder_config': 'r2'}
+_R3 = {'experiment.DataConfig.builder_config': 'r3'}
+# R4's texts need the larger sign and the longer caption budget (ladder_r4.gin).
+_R4 = {'experiment.DataConfig.builder_config': 'r4',
+       'text_to_image.TextToImageConfig.image_size': (64, 256),
+       'text_to_image.TextToImageConfig.text_length': 96}
 _BOX = {'text_to_image.TextToImageConfig.box_conditioning': True}
 _ANCHOR = {**_BOX, 'text_to_image.TextToImageConfig.anchor_patches': True}
 _NO_QUERY_POSITIONS = {'unet.UNetConfig.query_positions': None}
@@ -30,4 +36,7 @@ def get_sweep():
       {**_R1, **_NO_QUERY_POSITIONS},  # R1 layout-free, no image-column positions
       {**_R1, **_BOX},  # R1, the box-conditioned arm
       {**_R1, **_ANCHOR},  # R1, box-conditioned, patches anchored at the box
+      {**_R2, **_ANCHOR},  # R2 fonts and sizes, box-conditioned and anchored
+      {**_R3, **_ANCHOR},  # R3 colours and backgrounds, box-conditioned and anchored
+      {**_R4, **_ANCHOR},  # R4 templates and phrases, box-conditioned and anchored
   ]
