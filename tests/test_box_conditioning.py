@@ -70,10 +70,11 @@ def test_box_mask_hides_the_quoted_tokens_outside_the_box_only():
     np.testing.assert_array_equal(got[cell], expected, err_msg=f'cell {cell}')
 
 
-def _model_and_params(**kwargs):
+def _model_and_params(unet=None, **kwargs):
   # The default's geometry: 32x128 signs on 4x4 patches.
   model = dm.DiffusionModel(tiny_config(
-      dict(in_channels=48, out_channels=48, query_positions='sinusoidal', position_span=10.0),
+      dict(in_channels=48, out_channels=48, query_positions='sinusoidal', position_span=10.0,
+           **(unet or {})),
       text_length=LENGTH, image_size=(32, 128), patch_size=4, prediction_type='sample',
       quote_positions=True, **kwargs))
   return model, model.init_params(jax.random.PRNGKey(0))
@@ -184,11 +185,13 @@ def test_targets_without_a_box_get_the_datas_layout():
     evaluators.target_boxes(targets, (32, 128), 7, None)
 
 
-@pytest.mark.parametrize('anchored', [True, False])
-def test_anchored_patches_draw_a_moved_box_as_the_same_picture_moved(anchored):
+@pytest.mark.parametrize('anchored,features', [(True, False), (False, False), (True, True)])
+def test_anchored_patches_draw_a_moved_box_as_the_same_picture_moved(anchored, features):
   """With the grid anchored at the box, moving the box (and the noisy image) by d < patch
-  pixels moves the prediction by d exactly; with a fixed grid it does not."""
-  model, params = _model_and_params(box_conditioning=True, anchor_patches=anchored)
+  pixels moves the prediction by d exactly (the layout features too are read in the
+  anchored frame); with a fixed grid it does not."""
+  model, params = _model_and_params(dict(layout_features=features), box_conditioning=True,
+                                    anchor_patches=anchored)
   tokens, mask = _encode(['A sign that says "Hello".'])
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 32, 128, 3))
   ctx = model.encode_text(params, tokens, mask)
@@ -208,3 +211,36 @@ def test_anchored_patches_draw_a_moved_box_as_the_same_picture_moved(anchored):
 def test_anchor_patches_needs_boxes():
   with pytest.raises(ValueError, match='set box_conditioning=True'):
     tiny_config(quote_positions=True, anchor_patches=True)
+
+
+def test_layout_features_place_each_cell_in_its_box():
+  # A 5-letter box over pixels x [20, 80), y [8, 24) of a 32x128 image, on 4 px cells.
+  layout = unet_lib.TextLayout(jnp.array([[20 / 128, 8 / 32, 80 / 128, 24 / 32]]),
+                               jnp.zeros((1, 4), bool), jnp.array([5.0]))
+  got = np.asarray(unet_lib.layout_features(8, 32, layout))[0]  # [8, 32, 5]
+  cx, cy = (np.arange(32) + 0.5) * 4, (np.arange(8) + 0.5) * 4
+  inside = ((cy[:, None] >= 8) & (cy[:, None] < 24)) & ((cx[None] >= 20) & (cx[None] < 80))
+  np.testing.assert_array_equal(got[..., 0], inside.astype(np.float32))
+  np.testing.assert_allclose(got[..., 1], np.broadcast_to((cx - 20) / 60, (8, 32)), atol=1e-5)
+  np.testing.assert_allclose(got[..., 2], np.broadcast_to(((cy - 8) / 16)[:, None], (8, 32)),
+                             atol=1e-5)
+  np.testing.assert_allclose(got[..., 3], 16 / 32, atol=1e-6)  # box height
+  np.testing.assert_allclose(got[..., 4], 60 / 128 / 5, atol=1e-6)  # advance per letter
+
+
+def test_layout_features_reach_the_prediction_and_need_boxes():
+  with pytest.raises(ValueError, match='layout_features reads the text box'):
+    tiny_config(dict(layout_features=True), quote_positions=True)
+  model, params = _model_and_params(dict(layout_features=True), box_conditioning=True)
+  assert params['unet']['layout_embedding']['kernel'].shape == (5, 8)
+  tokens, mask = _encode(['A sign that says "Hello".'])
+  ctx = model.encode_text(params, tokens, mask)
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 32, 128, 3))
+
+  def predict(p):
+    layout = t2i.text_layout(tokens, mask, np.array([(16, 8, 76, 28)]), (32, 128))
+    return np.asarray(model.module.apply({'params': p}, x, jnp.array([300]), ctx, mask,
+                                         layout, method=t2i.TextToImage.denoise))
+  zeroed = jax.tree_util.tree_map(jnp.zeros_like, params['unet']['layout_embedding'])
+  without = {**params, 'unet': {**params['unet'], 'layout_embedding': zeroed}}
+  assert np.abs(predict(params) - predict(without)).max() > 1e-4

@@ -136,9 +136,13 @@ R4 = dataclasses.replace(R3, render=dataclasses.replace(
 # R1 with line boxes (render.RenderConfig.line_boxes): the box's vertical extent is the
 # font's line, not the word's ink.
 R1_LINE = dataclasses.replace(R1, render=dataclasses.replace(R1.render, line_boxes=True))
+# R1 with line boxes at R2's sizes (10-22 px), still one face: R2's sizes without its faces.
+R1_SIZES_LINE = dataclasses.replace(R1_LINE, render=dataclasses.replace(
+    R1_LINE.render, font_size=R2.render.font_size))
 CONFIGS = {"tiny": TINY, "tiny_bw": TINY_BW, "tiny_grid": TINY_GRID, "tiny16": TINY16,
            "micro": MICRO, "base": BASE, "r0": TINY_GRID, "r1": R1, "r2": R2, "r3": R3,
-           "r4": R4, "r1_line": R1_LINE}
+           "r4": R4, "r1_line": R1_LINE,
+           "r1_sizes_line": R1_SIZES_LINE}
 
 
 def get_config(name: str) -> SignsConfig:

@@ -87,6 +87,8 @@ class TextToImageConfig:
     if self.anchor_patches and not self.box_conditioning:
       raise ValueError('anchor_patches anchors the patch grid at the text box: set '
                        'box_conditioning=True.')
+    if self.unet.layout_features and not self.box_conditioning:
+      raise ValueError('unet.layout_features reads the text box: set box_conditioning=True.')
 
   def check_codec(self, codec) -> None:
     """The U-Net must take and give `codec.channels * patch_size**2` channels, and

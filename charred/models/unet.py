@@ -160,6 +160,12 @@ class UNetConfig:
   # intermediates 'char_logits' for a loss that names each cell's glyph (the renderer
   # knows it); sampling never reads them.
   char_head_classes: int = 0
+  # With a layout (the box-conditioned model): the box frame also reaches the convolutions,
+  # as TextDiffuser's and GlyphControl's layout inputs do. Each input cell's place in its
+  # example's box (inside or not, column and row as fractions of the box) and the box's
+  # height and per-character advance, projected and added after conv_in; cross-attention
+  # alone tells a cell which letter, not where the line's baseline is or how big to draw.
+  layout_features: bool = False
 
   def __post_init__(self):
     n = len(self.block_out_channels)
@@ -273,6 +279,22 @@ def box_coordinates(height: int, width: int, layout: TextLayout):
   x, _ = _cell_centres(height, width)
   x0, x1 = layout.boxes[:, 0:1], layout.boxes[:, 2:3]
   return (x[None] - x0) / jnp.maximum(x1 - x0, 1e-6) * layout.chars[:, None]
+
+
+def layout_features(height: int, width: int, layout: TextLayout):
+  """float32 [B, height, width, 5]: per cell, inside its example's box (0/1), its column
+  and row as fractions of the box (0 at the left/top edge, 1 at the right/bottom), and the
+  box's height and width per character as fractions of the image."""
+  x, y = _cell_centres(height, width)
+  x0, y0, x1, y1 = (layout.boxes[:, k:k + 1] for k in range(4))
+  w, h = jnp.maximum(x1 - x0, 1e-6), jnp.maximum(y1 - y0, 1e-6)
+  inside = (x[None] >= x0) & (x[None] < x1) & (y[None] >= y0) & (y[None] < y1)
+  advance = w / jnp.maximum(layout.chars[:, None], 1.0)
+  b = layout.boxes.shape[0]
+  features = [inside.astype(jnp.float32), (x[None] - x0) / w, (y[None] - y0) / h,
+              jnp.broadcast_to(h, (b, height * width)),
+              jnp.broadcast_to(advance, (b, height * width))]
+  return jnp.stack(features, axis=-1).reshape(b, height, width, len(features))
 
 
 def box_mask(height: int, width: int, layout: TextLayout, mask):
@@ -637,6 +659,10 @@ class UNet(nn.Module):
       table = self.param('position_embedding', nn.with_logical_partitioning(
           nn.initializers.normal(0.02), ('height', 'width', 'embed')), x.shape[1:], jnp.float32)
       x = x + table.astype(c.dtype)[None]
+    if c.layout_features and layout is not None:
+      features = layout_features(x.shape[1], x.shape[2], layout)
+      x = x + dense(channels[0], (None, 'embed'), c.dtype, 'layout_embedding')(
+          features.astype(c.dtype))
     skips = [x]
     for level, block_type in enumerate(c.down_block_types):
       x, block_skips = DownBlock(c, level, block_type.startswith('CrossAttn'),
