@@ -84,6 +84,11 @@ class ImageGenerator:
             f"the model's maximum of {length}: {prompt[:60]!r}")
     return text_tokenizer.encode_batch(list(prompts), length)
 
+  def sample(self, tokens, mask, rng, boxes=None) -> jax.Array:
+    """Samples [B, H, W, 3] in [-1, 1] for tokenised captions [B, L] (and, for a
+    box-conditioned model, `boxes` [B, 4]); one program per batch shape."""
+    return self._sample(self.params, tokens, mask, rng, boxes)
+
   def _sample_impl(self, params, tokens, mask, rng, boxes=None):
     c = self.model.config
     apply = functools.partial(self.model.apply, {'params': params})
@@ -138,7 +143,7 @@ class ImageGenerator:
         h, w = self.model.config.image_size
         bx = np.pad(boxes[chunk], (pad, (0, 0)))
         bx[n:] = (0, 0, w, h)
-      x = self._sample(self.params, t, m, jax.random.fold_in(rng, start), bx)
+      x = self.sample(t, m, jax.random.fold_in(rng, start), bx)
       images.append(np.asarray(x)[:n])
     return to_uint8(np.concatenate(images))
 
