@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import chex
 import flax
 import flax.linen as nn
 import jax
@@ -265,6 +266,7 @@ class DiffusionModel(base_model.BaseModel):
   def loss_fn(self, params, batch, rng, first_example=0):
     """(the training loss, {term: value}) of one batch; example i of the batch is example
     `first_example + i` of the update whose key is `rng`."""
+    check_batch(batch)
     x0 = self.diffusion_inputs(batch, rng, first_example)
     context = self.text_context(params, batch, rng, first_example)
     terms = self.loss_terms(params, dict(batch, image=x0), rng, first_example, context)
@@ -364,3 +366,10 @@ class DiffusionModel(base_model.BaseModel):
     return self.generator(params, **kwargs).sample(
         batch['text_tokens'], batch['text_mask'], rng, batch.get('text_box'))
 
+
+def check_batch(batch) -> None:
+  """Static (trace-time) checks of a training batch: captions [B, L] with their mask,
+  and one batch size across keys."""
+  chex.assert_rank(batch['text_tokens'], 2)
+  chex.assert_equal_shape([batch['text_tokens'], batch['text_mask']])
+  chex.assert_equal_shape_prefix(list(batch.values()), 1)

@@ -13,6 +13,7 @@ import numpy as np
 from charred import tokenizer
 from charred.models import sampling
 from charred.models import schedulers
+from charred.models import tracing
 from charred.models.image_codec import PixelCodec
 from charred.models.text_to_image import TextToImage, text_layout
 
@@ -61,7 +62,8 @@ class ImageGenerator:
     self.guidance_scale = guidance_scale
     self.guidance_rescale = guidance_rescale
     self.scheduler = self._bind(scheduler, spacing)
-    self._sample = jax.jit(self._sample_impl)
+    # A second trace of one signature (a retrace on every call) raises.
+    self._sample = jax.jit(tracing.once_per_signature(self._sample_impl, 'sample'))
 
   def _bind(self, scheduler, spacing: str) -> schedulers.Scheduler:
     c = self.model.config

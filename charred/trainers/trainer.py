@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from charred.models import pretrained
+from charred.models import tracing
 from charred.models.base_model import BaseModel, batch_size_of
 from charred.trainers import checkpoints, optimizer as optimizer_lib
 from charred.trainers import distributed, monitoring
@@ -199,11 +200,13 @@ def jit_train_step(model: BaseModel, config: TrainConfig, tx, state: TrainState,
                    batch_sharding):
   """`train_step` jitted for `state`'s shardings and batches sharded as `batch_sharding`
   (the random key replicated); the old state's buffers are donated to the new one.
-  Called as step_fn(state, batch, rng) -> (state, metrics)."""
+  Called as step_fn(state, batch, rng) -> (state, metrics). Traced once per batch shape:
+  a second trace of one shape raises (a step that retraced every call would crawl)."""
   shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   replicated = partitioning.replicated(batch_sharding.mesh)
-  return jax.jit(functools.partial(train_step, model=model, config=config, tx=tx),
-                 in_shardings=(shardings, batch_sharding, replicated),
+  step = tracing.once_per_signature(
+      functools.partial(train_step, model=model, config=config, tx=tx), 'train_step')
+  return jax.jit(step, in_shardings=(shardings, batch_sharding, replicated),
                  out_shardings=(shardings, replicated), donate_argnums=0)
 
 
