@@ -1,10 +1,11 @@
 """The training loop: one readable function, in the manner of big_vision's train.py.
 
 Generic over the model (`base_model.BaseModel`, t5x's shape): a step differentiates
-`model.loss_fn` and applies the update, never looking inside a batch. Data arrives as numpy batches from
-a checkpointable iterator (the data layer stays outside this TF-free module). Resumes from
-the newest checkpoint, the iterator's state included; evaluators run on their own cadence
-and never touch the training RNG.
+`model.loss_fn` and applies the update, never looking inside a batch; what a batch needs
+before the step is the model's (`host_batch`, `host_stage`). Data arrives as numpy batches
+from a checkpointable iterator (the data layer stays outside this TF-free module). Resumes
+from the newest checkpoint, the iterator's state included; evaluators run on their own
+cadence and never touch the training RNG.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ class TrainConfig:
   # as they were; the `nonfinite` metric counts it), 'stop' (skip, then raise at the host;
   # costs a host sync per step), or 'none' (no check).
   nan_policy: str = 'skip'
-  # Run the model's `host_stage` (a frozen text encoder: ObjectiveConfig.train_text_encoder
-  # =False) on the host CPU before each step, outside it.
+  # Run the model's `host_stage` on the host CPU before each step, outside it (a diffusion
+  # model's frozen text encoder: ObjectiveConfig.train_text_encoder=False).
   text_encoder_on_host: bool = False
   checkpointing: checkpoints.CheckpointConfig = checkpoints.CheckpointConfig()
   # Writers (TensorBoard, W&B, OpenTelemetry), the profiler and MFU.
