@@ -18,6 +18,7 @@ setuptools.setup(
         "jax[cpu]",
         "flax",
         "optax",
+        "chex",  # trace-count and shape assertions (charred.models.tracing)
         "gin-config",
         "clu",
         "tensorboard",  # clu's summary writer needs it

@@ -21,6 +21,7 @@ LAYERS = (
                 'charred.models.text_to_image', 'charred.models.generation',
                 'charred.models.image_codec', 'charred.models.model_kinds',
                 'charred.models.losses', 'charred.models.diffusion_model',
+                'charred.models.base_model', 'charred.models.tracing',
                 'charred.evaluation.attention_maps')),
     # 2: reading and converting weights.
     ('weights', ('charred.models', 'charred.models.pretrained', 'charred.models.convert')),

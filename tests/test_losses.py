@@ -196,7 +196,7 @@ def test_frozen_text_encoder_runs_outside_the_gradient_or_on_the_host(tmp_path):
 
   # On the host: its context (captions dropped as the step drops them) gives the same loss.
   on_host = dataclasses.replace(config, text_encoder_on_host=True)
-  hosted = trainer.HostTextEncoder(model, state.params, on_host)(batch, 0, rng)
+  hosted = model.host_stage(state.params)(batch, jax.random.fold_in(rng, 0), 0)
   assert hosted['text_context'].shape == (4, 8, 16)
   np.testing.assert_allclose(loss(hosted['text_context']), inside, rtol=1e-6)
   final = trainer.train(str(tmp_path), model, on_host,

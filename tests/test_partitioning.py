@@ -72,7 +72,7 @@ def _model_axis_names():
   c = nano_model()
   c = dataclasses.replace(c, unet=dataclasses.replace(
       c.unet, position_embedding=True, encoder_hid_dim=16, cross_attention_dim=24))
-  specs = trainer.param_axes(DiffusionModel(c))
+  specs = DiffusionModel(c).param_axes()
   return {name for s in jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P))
           for name in s}
 

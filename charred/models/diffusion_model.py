@@ -1,10 +1,12 @@
-"""The model the trainer is generic over, in the shape of t5x's BaseModel.
+"""The text-to-image diffusion model: a `base_model.BaseModel`.
 
 `DiffusionModel` owns everything that makes a batch into a loss: the network
 (`TextToImage`), its frozen codec (pixels or a VAE), and the training objective
 (`ObjectiveConfig`: caption dropout, timestep and noise draws, loss weighting, the glyph
 losses). The trainer only differentiates `loss_fn` and applies the update; it never looks
-inside a batch. Sampling goes through `generator`.
+inside a batch. Caption dropout and text encoding are the model's too, on the device
+inside the loss or on the host before the step (`host_stage`). Sampling goes through
+`generator`.
 
 Every random draw for example n of an optimizer update depends on (update key, n) only
 (`example_keys`), so k micro-batches of b examples see what one batch of k*b sees.
@@ -13,17 +15,21 @@ Every random draw for example n of an optimizer update depends on (update key, n
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
+import chex
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from charred import tokenizer
+from charred.models import base_model
 from charred.models import diffusion
 from charred.models import losses
 from charred.models import preprocess as preprocess_lib
+from charred.models.base_model import batch_size_of
 from charred.models.generation import ImageGenerator
 from charred.models.image_codec import PixelCodec
 from charred.models.text_to_image import TextToImage, TextToImageConfig, init_params
@@ -116,11 +122,7 @@ def fit_length(context, length: int):
   return jnp.pad(context, ((0, length - context.shape[0]), (0, 0)))
 
 
-def batch_size_of(batch) -> int:
-  return int(jax.tree_util.tree_leaves(batch)[0].shape[0])
-
-
-class DiffusionModel:
+class DiffusionModel(base_model.BaseModel):
   """A text-to-image diffusion model with its codec and training objective.
 
   `empty_context`: with batches from an encoder cache (which carry `text_context`
@@ -150,14 +152,25 @@ class DiffusionModel:
                 empty_context=self.empty_context)
     return DiffusionModel(**{**args, **kwargs})
 
+  batch_keys = BATCH_KEYS
+
   # The parameter collections the optimizer leaves untouched.
   @property
   def frozen(self) -> tuple[str, ...]:
     return () if self.objective.train_text_encoder else ('text_encoder',)
 
+  def hparams(self) -> dict[str, Any]:
+    return {'model': dataclasses.asdict(self.config),
+            'objective': dataclasses.asdict(self.objective)}
+
   def init_params(self, rng):
     """Random parameters (nothing read from files; see pretrained.load_checkpoints)."""
     return init_params(self.module, rng, self.codec)
+
+  def param_axes(self):
+    """Read from the boxed init's shapes (nn.with_logical_partitioning's names)."""
+    boxed = jax.eval_shape(self.module.init, jax.random.PRNGKey(0), *self.abstract_inputs())
+    return nn.get_partition_spec(boxed)['params']
 
   def abstract_inputs(self):
     """(x, t, tokens, mask) shapes of one example, for `module.init` without data."""
@@ -185,6 +198,37 @@ class DiffusionModel:
   def encode_text(self, params, tokens, mask):
     return self.module.apply({'params': params}, tokens, mask,
                              method=TextToImage.encode_text)
+
+  # -- The frozen text encoder on the host --------------------------------------------------
+
+  def check_host_stage(self) -> None:
+    if self.objective.train_text_encoder:
+      raise ValueError('TrainConfig.text_encoder_on_host needs a frozen encoder '
+                       '(ObjectiveConfig.train_text_encoder=False): only a frozen encoder '
+                       'can run outside the gradient.')
+
+  def host_stage(self, params, gather: Callable[[Any], Any] = lambda tree: tree
+                 ) -> base_model.HostStage:
+    """The frozen text encoder on the host CPU: the batch gains the hidden states of its
+    captions after dropout, `text_context` (what `text_context` then passes through), as
+    the loss would drop and encode them. Its FLOPs and a copy of its parameters live on the
+    host; the train state still holds them (keep them off the accelerator through the
+    state's shardings if memory matters)."""
+    self.check_host_stage()
+    cpu = jax.devices('cpu')[0]
+    encoder_params = jax.device_put(gather(params['text_encoder']), cpu)
+
+    @jax.jit
+    def encode(encoder_params, tokens, mask, rng, first_example):
+      tokens, mask = self.drop_captions(tokens, mask, rng, first_example)
+      return self.encode_text({'text_encoder': encoder_params}, tokens, mask)
+
+    def stage(batch, rng, first_example):
+      args = jax.device_put((batch['text_tokens'], batch['text_mask'], rng,
+                             np.int32(first_example)), cpu)
+      return dict(batch, text_context=np.asarray(encode(encoder_params, *args)))
+
+    return stage
 
   # -- The loss ----------------------------------------------------------------------------
 
@@ -222,6 +266,7 @@ class DiffusionModel:
   def loss_fn(self, params, batch, rng, first_example=0):
     """(the training loss, {term: value}) of one batch; example i of the batch is example
     `first_example + i` of the update whose key is `rng`."""
+    check_batch(batch)
     x0 = self.diffusion_inputs(batch, rng, first_example)
     context = self.text_context(params, batch, rng, first_example)
     terms = self.loss_terms(params, dict(batch, image=x0), rng, first_example, context)
@@ -314,7 +359,17 @@ class DiffusionModel:
     guidance_scale, scheduler, ...)."""
     return ImageGenerator(self.module, params, codec=self.codec, **kwargs)
 
+  def predict_batch(self, params, batch, rng, **kwargs: Any) -> jax.Array:
+    """Images [B, H, W, 3] in [-1, 1] sampled for the captions `text_tokens` and
+    `text_mask` (and a box-conditioned model's `text_box`); kwargs as `generator`. Each
+    call compiles the sampler: for many batches, call one `generator`'s `sample`."""
+    return self.generator(params, **kwargs).sample(
+        batch['text_tokens'], batch['text_mask'], rng, batch.get('text_box'))
 
-def host_batch(batch) -> dict[str, np.ndarray]:
-  """The keys of `batch` a DiffusionModel reads (others, e.g. captions as text, dropped)."""
-  return {k: batch[k] for k in BATCH_KEYS if k in batch}
+
+def check_batch(batch) -> None:
+  """Static (trace-time) checks of a training batch: captions [B, L] with their mask,
+  and one batch size across keys."""
+  chex.assert_rank(batch['text_tokens'], 2)
+  chex.assert_equal_shape([batch['text_tokens'], batch['text_mask']])
+  chex.assert_equal_shape_prefix(list(batch.values()), 1)

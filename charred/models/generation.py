@@ -13,6 +13,7 @@ import numpy as np
 from charred import tokenizer
 from charred.models import sampling
 from charred.models import schedulers
+from charred.models import tracing
 from charred.models.image_codec import PixelCodec
 from charred.models.text_to_image import TextToImage, text_layout
 
@@ -61,7 +62,8 @@ class ImageGenerator:
     self.guidance_scale = guidance_scale
     self.guidance_rescale = guidance_rescale
     self.scheduler = self._bind(scheduler, spacing)
-    self._sample = jax.jit(self._sample_impl)
+    # A second trace of one signature (a retrace on every call) raises.
+    self._sample = jax.jit(tracing.once_per_signature(self._sample_impl, 'sample'))
 
   def _bind(self, scheduler, spacing: str) -> schedulers.Scheduler:
     c = self.model.config
@@ -83,6 +85,11 @@ class ImageGenerator:
             f'Prompt is {text_tokenizer.num_tokens(prompt)} tokens with EOS, longer than '
             f"the model's maximum of {length}: {prompt[:60]!r}")
     return text_tokenizer.encode_batch(list(prompts), length)
+
+  def sample(self, tokens, mask, rng, boxes=None) -> jax.Array:
+    """Samples [B, H, W, 3] in [-1, 1] for tokenised captions [B, L] (and, for a
+    box-conditioned model, `boxes` [B, 4]); one program per batch shape."""
+    return self._sample(self.params, tokens, mask, rng, boxes)
 
   def _sample_impl(self, params, tokens, mask, rng, boxes=None):
     c = self.model.config
@@ -138,7 +145,7 @@ class ImageGenerator:
         h, w = self.model.config.image_size
         bx = np.pad(boxes[chunk], (pad, (0, 0)))
         bx[n:] = (0, 0, w, h)
-      x = self._sample(self.params, t, m, jax.random.fold_in(rng, start), bx)
+      x = self.sample(t, m, jax.random.fold_in(rng, start), bx)
       images.append(np.asarray(x)[:n])
     return to_uint8(np.concatenate(images))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +45,9 @@ def sample(denoise: DenoiseFn, noise: jax.Array, context: jax.Array, mask: jax.A
   """
   if scheduler.stochastic and rng is None:
     raise ValueError(f'{type(scheduler).__name__} is stochastic: pass rng.')
+  chex.assert_equal_shape([context, uncond_context])
+  chex.assert_equal_shape([mask, uncond_mask])
+  chex.assert_equal_shape_prefix([noise, context, mask], 1)
   state = scheduler.init_state(num_steps, noise)
   batch = noise.shape[0]
   guided = guidance_scale != 1.0

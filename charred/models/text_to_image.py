@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -164,6 +165,8 @@ def text_layout(tokens, mask, boxes, image_size: tuple[int, int]) -> TextLayout:
   """The U-Net's layout for captions `tokens` / `mask` [B, L] whose quoted text goes in
   `boxes` [B, 4] (x0, y0, x1, y1 in pixels of an image of `image_size` (height, width)).
   The quoted characters run from the first double quote to the next (or to the end)."""
+  chex.assert_equal_shape([tokens, mask])
+  chex.assert_shape(boxes, (tokens.shape[0], 4))
   positions = quote_positions(tokens, mask)
   is_quote = (tokens == QUOTE_ID) & (mask > 0)
   opened = jnp.any(is_quote, axis=1)

@@ -1,10 +1,11 @@
 """The training loop: one readable function, in the manner of big_vision's train.py.
 
-Generic over the model (t5x's BaseModel shape): a step differentiates `model.loss_fn`
-and applies the update, never looking inside a batch. Data arrives as numpy batches from
-a checkpointable iterator (the data layer stays outside this TF-free module). Resumes from
-the newest checkpoint, the iterator's state included; evaluators run on their own cadence
-and never touch the training RNG.
+Generic over the model (`base_model.BaseModel`, t5x's shape): a step differentiates
+`model.loss_fn` and applies the update, never looking inside a batch; what a batch needs
+before the step is the model's (`host_batch`, `host_stage`). Data arrives as numpy batches
+from a checkpointable iterator (the data layer stays outside this TF-free module). Resumes
+from the newest checkpoint, the iterator's state included; evaluators run on their own
+cadence and never touch the training RNG.
 """
 
 from __future__ import annotations
@@ -14,21 +15,21 @@ import dataclasses
 import functools
 from typing import Any, Callable, Iterator, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from charred.models import pretrained
-from charred.models.diffusion_model import DiffusionModel, batch_size_of, host_batch
+from charred.models import tracing
+from charred.models.base_model import BaseModel, batch_size_of
 from charred.trainers import checkpoints, optimizer as optimizer_lib
 from charred.trainers import distributed, monitoring
 from charred.trainers import partitioning
 from charred.trainers.train_state import TrainState, ema_update
 
 Batch = dict[str, np.ndarray]
-# () -> iterator of batches (what the model's loss reads: DiffusionModel's BATCH_KEYS),
+# () -> iterator of batches (what the model's loss reads: its `batch_keys`),
 # checkpointable in Grain's protocol: get_state() -> a JSON-able dict, and set_state(dict)
 # continues with the batch that followed (`datasets.streams`, `bucketing`).
 BatchesFn = Callable[[], Iterator[Batch]]
@@ -56,8 +57,8 @@ class TrainConfig:
   # as they were; the `nonfinite` metric counts it), 'stop' (skip, then raise at the host;
   # costs a host sync per step), or 'none' (no check).
   nan_policy: str = 'skip'
-  # With a frozen text encoder (ObjectiveConfig.train_text_encoder=False): run it on the
-  # host CPU, outside the train step, and feed its hidden states to the step.
+  # Run the model's `host_stage` on the host CPU before each step, outside it (a diffusion
+  # model's frozen text encoder: ObjectiveConfig.train_text_encoder=False).
   text_encoder_on_host: bool = False
   checkpointing: checkpoints.CheckpointConfig = checkpoints.CheckpointConfig()
   # Writers (TensorBoard, W&B, OpenTelemetry), the profiler and MFU.
@@ -78,12 +79,10 @@ class TrainConfig:
                        f'{NAN_POLICIES}.')
 
 
-def check_model(model: DiffusionModel, config: TrainConfig) -> None:
+def check_model(model: BaseModel, config: TrainConfig) -> None:
   """Fails early on a training config the model cannot run."""
-  if config.text_encoder_on_host and model.objective.train_text_encoder:
-    raise ValueError('TrainConfig.text_encoder_on_host needs a frozen encoder '
-                     '(ObjectiveConfig.train_text_encoder=False): only a frozen encoder can '
-                     'run outside the gradient.')
+  if config.text_encoder_on_host:
+    model.check_host_stage()
 
 
 def update_rng(rng, step, accumulation_steps: int, batch_size: int):
@@ -93,7 +92,7 @@ def update_rng(rng, step, accumulation_steps: int, batch_size: int):
   return jax.random.fold_in(rng, step // k), (step % k) * batch_size
 
 
-def train_step(state: TrainState, batch, rng, *, model: DiffusionModel, config: TrainConfig,
+def train_step(state: TrainState, batch, rng, *, model: BaseModel, config: TrainConfig,
                tx):
   """One train step on one (micro-)batch: the gradient of `model.loss_fn`, an optimizer
   update every `config.accumulation_steps` steps, the EMA and the NaN policy."""
@@ -130,41 +129,6 @@ def train_step(state: TrainState, batch, rng, *, model: DiffusionModel, config: 
   return new_state, metrics
 
 
-class HostTextEncoder:
-  """The frozen text encoder on the host CPU, run before each train step: its FLOPs (and
-  a copy of its parameters) live on the host, and the step receives its hidden states as
-  `batch['text_context']`. It drops captions exactly as the step does (same keys).
-
-  The train state still holds the encoder's parameters (they are checkpointed with the
-  rest); keep them off the accelerator through the state's shardings if memory matters.
-  `feed_index`: this process's block of rows in the global batch (process_batch_shard).
-  """
-
-  def __init__(self, model: DiffusionModel, params, config: TrainConfig, feed_index: int = 0):
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    self.cpu = jax.devices('cpu')[0]
-    # Gathered to host numpy first: sharded params may span devices or processes.
-    self.params = jax.device_put(
-        multihost_utils.process_allgather(params['text_encoder'], tiled=True), self.cpu)
-    self.feed_index = feed_index
-
-    def encode(encoder_params, tokens, mask, rng, step):
-      # Example indices are global: this process's rows start at feed_index * rows.
-      rng, first = update_rng(rng, step, config.accumulation_steps, config.batch_size)
-      first = first + feed_index * tokens.shape[0]
-      tokens, mask = model.drop_captions(tokens, mask, rng, first)
-      return model.encode_text({'text_encoder': encoder_params}, tokens, mask)
-
-    self._encode = jax.jit(encode)
-
-  def __call__(self, batch, step: int, rng):
-    """`batch` (this process's rows) plus `text_context` for the train step taken from
-    state.step == `step`."""
-    args = jax.device_put((batch['text_tokens'], batch['text_mask'], rng,
-                           np.int32(step)), self.cpu)
-    return dict(batch, text_context=np.asarray(self._encode(self.params, *args)))
-
-
 def raise_if_nonfinite(metrics, step: int) -> None:
   """nan_policy='stop': the step skipped its update; stop the run with a clear error."""
   if 'nonfinite' in metrics and float(metrics['nonfinite']) > 0:
@@ -174,7 +138,7 @@ def raise_if_nonfinite(metrics, step: int) -> None:
         "(nan_policy='stop'). The last checkpoint is intact.")
 
 
-def create_state(model: DiffusionModel, config: TrainConfig, tx,
+def create_state(model: BaseModel, config: TrainConfig, tx,
                  init: pretrained.InitConfig | None = None) -> TrainState:
   """The initial state: random parameters from `config.seed`, with the parts `init`
   names checkpoints for loaded from them."""
@@ -190,28 +154,21 @@ def state_from_params(params, tx) -> TrainState:
                     opt_state=tx.init(params))
 
 
-def abstract_state(model: DiffusionModel, config: TrainConfig, tx) -> TrainState:
+def abstract_state(model: BaseModel, config: TrainConfig, tx) -> TrainState:
   """The shapes and dtypes of the state `create_state` builds; nothing allocated or read."""
   return jax.eval_shape(lambda: create_state(model, config, tx))
 
 
-def param_axes(model: DiffusionModel):
-  """The logical axis names of every parameter (a PartitionSpec per leaf), read from the
-  boxed init without allocating anything."""
-  boxed = jax.eval_shape(model.module.init, jax.random.PRNGKey(0), *model.abstract_inputs())
-  return nn.get_partition_spec(boxed)['params']
-
-
-def state_shardings(model: DiffusionModel, config: TrainConfig, tx, mesh,
+def state_shardings(model: BaseModel, config: TrainConfig, tx, mesh,
                     rules: partitioning.Rules | None = None) -> TrainState:
   """The NamedSharding of every leaf of the TrainState that `create_state` builds (the
   target of a sharded restore), without allocating anything."""
   rules = config.partitioning.rules if rules is None else rules
   return partitioning.state_shardings(mesh, rules, abstract_state(model, config, tx),
-                                     param_axes(model))
+                                     model.param_axes())
 
 
-def create_sharded_state(model: DiffusionModel, config: TrainConfig, tx, mesh,
+def create_sharded_state(model: BaseModel, config: TrainConfig, tx, mesh,
                          rules: partitioning.Rules | None = None,
                          init: pretrained.InitConfig | None = None) -> TrainState:
   """`create_state`, born sharded: each device initialises only its own shards. The
@@ -226,7 +183,7 @@ def create_sharded_state(model: DiffusionModel, config: TrainConfig, tx, mesh,
 
 
 def make_tx(config: TrainConfig, frozen: Sequence[str] = ()):
-  """The optimizer; parameter collections named in `frozen` (DiffusionModel.frozen) are
+  """The optimizer; parameter collections named in `frozen` (the model's `frozen`) are
   left untouched."""
   return optimizer_lib.make_optimizer(
       config.optimizer, optimizer_lib.num_updates(config.train_steps, config.accumulation_steps),
@@ -240,19 +197,121 @@ def learning_rate(config: TrainConfig, step: int) -> float:
       config.optimizer, optimizer_lib.num_updates(config.train_steps, k))(step // k))
 
 
-def jit_train_step(model: DiffusionModel, config: TrainConfig, tx, state: TrainState,
+def jit_train_step(model: BaseModel, config: TrainConfig, tx, state: TrainState,
                    batch_sharding):
   """`train_step` jitted for `state`'s shardings and batches sharded as `batch_sharding`
   (the random key replicated); the old state's buffers are donated to the new one.
-  Called as step_fn(state, batch, rng) -> (state, metrics)."""
+  Called as step_fn(state, batch, rng) -> (state, metrics). Traced once per batch shape:
+  a second trace of one shape raises (a step that retraced every call would crawl)."""
   shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   replicated = partitioning.replicated(batch_sharding.mesh)
-  return jax.jit(functools.partial(train_step, model=model, config=config, tx=tx),
-                 in_shardings=(shardings, batch_sharding, replicated),
+  step = tracing.once_per_signature(
+      functools.partial(train_step, model=model, config=config, tx=tx), 'train_step')
+  return jax.jit(step, in_shardings=(shardings, batch_sharding, replicated),
                  out_shardings=(shardings, replicated), donate_argnums=0)
 
 
-def train(workdir: str, model: DiffusionModel, config: TrainConfig, batches: BatchesFn,
+def make_mesh(config: TrainConfig):
+  """(mesh, batch sharding), with the batch dividing over the batch shards."""
+  pconfig = config.partitioning
+  distributed.check_collectives(pconfig.collectives)
+  mesh = partitioning.make_mesh(pconfig)
+  batch_sharding = partitioning.batch_sharding(mesh, pconfig.rules)
+  num_shards = partitioning.num_batch_shards(batch_sharding)
+  if config.batch_size % num_shards:
+    raise ValueError(f'batch_size {config.batch_size} does not divide over the {num_shards} '
+                     f"batch shards of mesh {dict(mesh.shape)} ('data' x 'fsdp').")
+  return mesh, batch_sharding
+
+
+def restore_or_create(ckpt, model: BaseModel, config: TrainConfig, tx, mesh,
+                      init: pretrained.InitConfig | None, log) -> tuple[TrainState, dict]:
+  """(state, data state) of the newest checkpoint, or a fresh state at data position 0;
+  the same on every process."""
+  if ckpt.latest_step() is None:
+    state = create_sharded_state(model, config, tx, mesh, config.partitioning.rules, init)
+    data_state = {'position': 0}
+  else:  # straight onto the mesh: nothing initialised, no pretrained weights read
+    state, data_state = ckpt.restore(
+        abstract_state(model, config, tx),
+        shardings=state_shardings(model, config, tx, mesh, config.partitioning.rules),
+        set_aside=True)
+    log(f'Resumed from step {int(state.step)} (data position {data_state["position"]}).')
+  distributed.check_same_on_all_processes(
+      {'step': int(state.step), 'data position': data_state['position']},
+      config.partitioning.collectives)
+  return state, data_state
+
+
+def start_data(batches: BatchesFn, data_state) -> Iterator[Batch]:
+  """The iterator of `batches`, at the batch that follows `data_state`."""
+  data = batches()
+  if not (hasattr(data, 'get_state') and hasattr(data, 'set_state')):
+    raise TypeError(f'batches() gave a {type(data).__name__}, which cannot be checkpointed: '
+                    'it needs get_state() and set_state() (see charred.datasets.streams).')
+  if 'iterator' in data_state:
+    data.set_state(data_state['iterator'])
+  elif data_state['position']:  # a checkpoint that saved only the batch index
+    data.set_state(dict(data.get_state(), next_index=data_state['position']))
+  return data
+
+
+def batch_feeder(model: BaseModel, config: TrainConfig, state: TrainState, batch_sharding,
+                 rng) -> Callable[[Batch, int], Batch]:
+  """feed(this process's numpy batch, train step) -> the global batch the step reads:
+  the model's keys, through its host stage with `text_encoder_on_host`, one array per key
+  sharded over 'data' x 'fsdp'."""
+  feed_index, num_feeds = partitioning.process_batch_shard(batch_sharding)
+  stage = None
+  if config.text_encoder_on_host:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    # Sharded params may span devices or processes: gathered to host numpy first.
+    stage = model.host_stage(state.params, functools.partial(
+        multihost_utils.process_allgather, tiled=True))
+
+  def feed(batch, step: int) -> Batch:
+    batch = model.host_batch(batch)
+    rows = batch_size_of(batch)
+    if stage:  # the keys the step (from state.step == step - 1) draws with
+      key, first = update_rng(rng, step - 1, config.accumulation_steps, config.batch_size)
+      batch = stage(batch, key, first + feed_index * rows)
+    if rows * num_feeds != config.batch_size:
+      raise ValueError(f'The data gave {rows} rows; batch_size {config.batch_size} from '
+                       f'{num_feeds} process(es) needs {config.batch_size // num_feeds} '
+                       'per process.')
+    return partitioning.global_batch(batch, batch_sharding, num_feeds)
+
+  return feed
+
+
+def make_monitor(workdir: str, model: BaseModel, config: TrainConfig, state: TrainState,
+                 mesh, log) -> monitoring.Monitor:
+  monitor = monitoring.Monitor(
+      workdir, config.monitoring, total_steps=config.train_steps, batch_size=config.batch_size,
+      first_step=int(state.step), log=log,
+      hparams={'train': dataclasses.asdict(config), **model.hparams()})
+  num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+  log(f'{num_params:,} parameters; training to step {config.train_steps} with batch '
+      f'{config.batch_size} on mesh {dict(mesh.shape)}.')
+  return monitor
+
+
+def mean_metrics(pending: Sequence[dict[str, Any]]) -> dict[str, float]:
+  return {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
+
+
+def run_evaluators(evaluators: Sequence[Any], step: int, params, writer, last: bool,
+                   log) -> None:
+  for evaluator in evaluators:
+    metrics = evaluator(step, params=params, writer=writer, last=last)
+    if metrics is not None:
+      # The console gets the headline metrics; breakdowns (by length, bucket) are in the
+      # writers.
+      log(f'eval {evaluator.name} @ {step}: ' + ', '.join(
+          f'{k.split("/", 1)[-1]} {v:.3f}' for k, v in metrics.items() if k.count('/') <= 1))
+
+
+def train(workdir: str, model: BaseModel, config: TrainConfig, batches: BatchesFn,
           evaluators: Sequence[Any] = (), log: Callable[[str], None] = print,
           init: pretrained.InitConfig | None = None) -> TrainState:
   """Trains `model` to `config.train_steps`, resuming from `workdir/checkpoints` if present.
@@ -263,15 +322,7 @@ def train(workdir: str, model: DiffusionModel, config: TrainConfig, batches: Bat
   """
   check_model(model, config)
   tx = make_tx(config, model.frozen)
-  pconfig = config.partitioning
-  distributed.check_collectives(pconfig.collectives)
-  mesh = partitioning.make_mesh(pconfig)
-  batch_sharding = partitioning.batch_sharding(mesh, pconfig.rules)
-  num_shards = partitioning.num_batch_shards(batch_sharding)
-  if config.batch_size % num_shards:
-    raise ValueError(f'batch_size {config.batch_size} does not divide over the {num_shards} '
-                     f"batch shards of mesh {dict(mesh.shape)} ('data' x 'fsdp').")
-  _, num_feeds = partitioning.process_batch_shard(batch_sharding)
+  mesh, batch_sharding = make_mesh(config)
   ckpt = config.checkpointing.checkpointer(f'{workdir}/checkpoints')
   # However the run ends (done, preempted, an exception), pending saves are written and
   # the writers (W&B, OpenTelemetry, the profiler) are flushed and closed.
@@ -279,54 +330,17 @@ def train(workdir: str, model: DiffusionModel, config: TrainConfig, batches: Bat
   with contextlib.ExitStack() as cleanup:
     cleanup.callback(ckpt.close)
     cleanup.enter_context(preemption.handling())  # from here on, SIGTERM stops cleanly
-    data_state = {'position': 0}
-    if ckpt.latest_step() is None:
-      state = create_sharded_state(model, config, tx, mesh, pconfig.rules, init)
-    else:  # straight onto the mesh: nothing initialised, no pretrained weights read
-      state, data_state = ckpt.restore(
-          abstract_state(model, config, tx), shardings=state_shardings(model, config, tx, mesh, pconfig.rules),
-          set_aside=True)
-      log(f'Resumed from step {int(state.step)} (data position {data_state["position"]}).')
-    distributed.check_same_on_all_processes(
-        {'step': int(state.step), 'data position': data_state['position']}, pconfig.collectives)
-    monitor = monitoring.Monitor(
-        workdir, config.monitoring, total_steps=config.train_steps, batch_size=config.batch_size,
-        first_step=int(state.step), log=log,
-        hparams={'train': dataclasses.asdict(config), 'model': dataclasses.asdict(model.config),
-                 'objective': dataclasses.asdict(model.objective)})
+    state, data_state = restore_or_create(ckpt, model, config, tx, mesh, init, log)
+    monitor = make_monitor(workdir, model, config, state, mesh, log)
     cleanup.callback(monitor.close)
-    writer = monitor.writer
-    num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    log(f'{num_params:,} parameters; training to step {config.train_steps} with batch '
-        f'{config.batch_size} on mesh {dict(mesh.shape)}.')
-
     step_fn = jit_train_step(model, config, tx, state, batch_sharding)
     # Host numpy: every process passes the same key, replicated by the jit.
     rng = np.asarray(jax.random.PRNGKey(config.seed + 1))
-    host_encoder = (HostTextEncoder(model, state.params, config,
-                                   partitioning.process_batch_shard(batch_sharding)[0])
-                    if config.text_encoder_on_host else None)
-    first_step = int(state.step)
-    data = batches()
-    if not (hasattr(data, 'get_state') and hasattr(data, 'set_state')):
-      raise TypeError(f'batches() gave a {type(data).__name__}, which cannot be checkpointed: '
-                      'it needs get_state() and set_state() (see charred.datasets.streams).')
-    if 'iterator' in data_state:
-      data.set_state(data_state['iterator'])
-    elif data_state['position']:  # a checkpoint that saved only the batch index
-      data.set_state(dict(data.get_state(), next_index=data_state['position']))
+    feed = batch_feeder(model, config, state, batch_sharding, rng)
+    data = start_data(batches, data_state)
     pending = []
-    for step in preemption.steps(range(first_step + 1, config.train_steps + 1)):
-      batch = next(data)
-      batch = host_batch(batch)
-      if host_encoder:
-        batch = host_encoder(batch, step - 1, rng)
-      if batch_size_of(batch) * num_feeds != config.batch_size:
-        raise ValueError(f'The data gave {batch_size_of(batch)} rows; batch_size '
-                         f'{config.batch_size} from {num_feeds} process(es) needs '
-                         f'{config.batch_size // num_feeds} per process.')
-      # This process's rows -> one global array per key, sharded over 'data' x 'fsdp'.
-      batch = partitioning.global_batch(batch, batch_sharding, num_feeds)
+    for step in preemption.steps(range(int(state.step) + 1, config.train_steps + 1)):
+      batch = feed(next(data), step)
       monitor.before_step(step, step_fn, state, batch, rng)  # FLOPs once; profiler
       state, metrics = step_fn(state, batch, rng)
       if config.nan_policy == 'stop':
@@ -336,9 +350,9 @@ def train(workdir: str, model: DiffusionModel, config: TrainConfig, batches: Bat
       last = step == config.train_steps
       monitor.after_step(step, state, last)
       if step % config.log_every == 0 or last:
-        means = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
+        log(monitor.report(step, mean_metrics(pending),
+                           {'train/learning_rate': learning_rate(config, step)}))
         pending = []
-        log(monitor.report(step, means, {'train/learning_rate': learning_rate(config, step)}))
       stop = preemption.reached(step)  # SIGTERM: checkpoint this step, then stop
       if step % config.checkpointing.every == 0 or last or stop:
         data_state = dict(data_state, iterator=data.get_state())
@@ -348,13 +362,6 @@ def train(workdir: str, model: DiffusionModel, config: TrainConfig, batches: Bat
         log(f'Stopped at step {step} on SIGTERM (preemption); its checkpoint is written: run '
             'again to resume.')
         break
-      for evaluator in evaluators:
-        metrics = evaluator(step, params=state.ema_params, writer=writer, last=last)
-        if metrics is not None:
-          # The console gets the headline metrics; breakdowns (by length, bucket) are
-          # in the writers.
-          log(f'eval {evaluator.name} @ {step}: ' + ', '.join(
-              f'{k.split("/", 1)[-1]} {v:.3f}' for k, v in metrics.items()
-              if k.count('/') <= 1))
+      run_evaluators(evaluators, step, state.ema_params, monitor.writer, last, log)
     ckpt.wait()
   return state
