@@ -30,6 +30,7 @@ setuptools.setup(
         "ml-collections",
         "numpy",
         "pillow",
+        "jax-tqdm",  # progress bars from inside the compiled sampling loop
         "matplotlib",  # ships the DejaVu fonts the typography data is rendered with
         "wordfreq",
         "sentencepiece",  # charred.subword: the character-blind subword tokenizer
@@ -66,7 +67,11 @@ setuptools.setup(
         "torch": ["torch==2.13.0"],
         # References for the parity tests. Never torchvision: the registry's build is
         # CUDA-only and breaks `import transformers` on CPU hosts.
-        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "transformers"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "transformers",
+                 "qwix==0.1.8"],
+        # int8 quantisation (charred.models.quantize). Pinned: its weight-only convolution
+        # builds on qwix's PTQ internals.
+        "int8": ["qwix==0.1.8"],
         # Host-side collectives over MPI (PartitioningConfig.collectives = 'mpi') for jobs
         # launched with mpirun. mpi4jax builds from source: it needs an MPI (Debian's
         # libopenmpi-dev) and CUDA_ROOT=/usr/local/cuda set while pip builds it.

@@ -2,7 +2,7 @@ r"""Runs a trained run's evaluators once; prints one JSON line.
 
   python -m charred.evaluate --workdir=DIR [--words_file=F | --prompts_file=F] \
       [--split=validation|test] [--steps=50] [--guidance_scale=G] [--scheduler=ddim] \
-      [--guidance_rescale=0.0]
+      [--guidance_rescale=0.0] [--quantize=int8|int8_dynamic]
 
 Builds the evaluators the run's experiment lists (`Experiment.evaluators`), as training
 does, and runs each once on the checkpoint's EMA parameters. The text-rendering evaluator
@@ -15,7 +15,9 @@ OCR: what a perfect model would score. Guidance defaults to the scale the run's
 experiment declares (`SampleEvalConfig.guidance_scale`). The validation loss appears as
 `validation/loss`. `--split=test` samples and scores the data's test split instead (the
 realism-ladder configs hold out words, templates and a font face there that no choice
-of settings has seen).
+of settings has seen). `--quantize=int8` evaluates the model with int8 kernels in its text
+encoder, U-Net and VAE (`charred.models.quantize`, weight-only; `int8_dynamic` also
+quantises the activations), the validation loss included; the JSON line says which.
 
 With --prompts_file, any prompts instead: each line of F is `<prompt><TAB><expected
 text>` (blank lines and `#` lines aside; `charred.evaluation.prompts_file`), the expected
@@ -49,6 +51,11 @@ _SPLIT = flags.DEFINE_enum('split', None, ('validation', 'test'), 'Held-out spli
                            "evaluators read (default: each evaluator's own).")
 _BATCH = flags.DEFINE_integer('batch_size', 100, 'Prompts sampled at once.')
 _SAMPLES = flags.DEFINE_string('samples_png', None, 'Also write a labelled grid here.')
+_QUANTIZE = flags.DEFINE_enum('quantize', None, ('int8', 'int8_dynamic'), 'Evaluate with '
+                              'int8 kernels: weight-only, or with int8 activations too.')
+
+# --quantize -> charred.models.quantize mode.
+QUANTIZE_MODES = {'int8': 'weight_only', 'int8_dynamic': 'dynamic'}
 
 
 def read_words(path: str) -> list[str]:
@@ -133,6 +140,10 @@ def main(argv):
     # So does a bad prompts file: nothing is sampled for half of one.
     pairs = _PROMPTS_FILE.value and prompts_file.read_prompts(_PROMPTS_FILE.value)
     run = runs.load_run(sf.WORKDIR.value, sf.CHECKPOINT_STEP.value)
+    model, params = run.model, run.params
+    if _QUANTIZE.value:
+      model, params = model.quantized(params, QUANTIZE_MODES[_QUANTIZE.value])
+      result['quantize'] = _QUANTIZE.value
     data = experiment_lib.eval_data(run.experiment)
     if _WORDS_FILE.value:
       words = words_targets(_WORDS_FILE.value)
@@ -154,13 +165,13 @@ def main(argv):
         config = for_evaluate(config)
       if _SPLIT.value:
         config = dataclasses.replace(config, split=_SPLIT.value)
-      evaluator = evaluators.build(name, config, run.model, data, workdir=None)
-      metrics = evaluator(run.step, run.params, _NoWriter())
+      evaluator = evaluators.build(name, config, model, data, workdir=None)
+      metrics = evaluator(run.step, params, _NoWriter())
       if isinstance(evaluator, evaluators.TextRenderingEvaluator):
         rendering = (evaluator, config)
         metrics = {k.removeprefix('eval/'): v for k, v in metrics.items()}
       result.update((k, v) for k, v in metrics.items() if not k.endswith('seconds'))
-  except (PromptTooLongError, FileNotFoundError, ValueError, CheckpointError) as e:
+  except (PromptTooLongError, FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
     gin_utils.exit_with_error('charred.evaluate', e)
   if rendering:
     evaluator, config = rendering

@@ -3,12 +3,14 @@ r"""Samples an image for a prompt from a trained run.
   python -m charred.sample --workdir=DIR --prompt='A sign that says "hello".' \
       --output=out.png [--seed=0] [--steps=50] [--guidance_scale=G] [--num_images=1] \
       [--scheduler=ddim|ddpm|euler|euler_ancestral|dpmpp_2m] [--guidance_rescale=0.0] \
-      [--box=x0,y0,x1,y1]
+      [--box=x0,y0,x1,y1] [--noprogress]
 
 `--box` says where the quoted text goes (pixels), for a box-conditioned run
 (`TextToImageConfig.box_conditioning`); without it such a run draws the quoted text where
 its training data would have drawn it (a layout from the data's own renderer, seeded by
---seed), and says which box that was.
+--seed), and says which box that was. Sampling goes through
+`charred.pipeline.TextToImagePipeline`, with a progress bar over the steps unless
+--noprogress.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ _OUTPUT = flags.DEFINE_string('output', 'sample.png', 'PNG file to write.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 1, 'Images side by side in the output.')
 _BOX = flags.DEFINE_string('box', None, 'x0,y0,x1,y1: the pixel box of the quoted text, for '
                            "a box-conditioned run (default: one of its data's layouts).")
+_PROGRESS = flags.DEFINE_bool('progress', True, 'Show a progress bar over the sampling steps.')
 
 
 def parse_box(text: str) -> tuple[int, int, int, int]:
@@ -55,17 +58,17 @@ def main(argv):
   # Imported after flag parsing so that --help is fast.
   from charred.configs import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from charred.configs import runs  # pylint: disable=g-import-not-at-top
-  from charred.evaluation import evaluators, grid  # pylint: disable=g-import-not-at-top
+  from charred.evaluation import grid  # pylint: disable=g-import-not-at-top
   from charred.models import schedulers  # pylint: disable=g-import-not-at-top
   from charred.models.generation import PromptTooLongError  # pylint: disable=g-import-not-at-top
+  from charred.pipeline import TextToImagePipeline  # pylint: disable=g-import-not-at-top
   from charred.trainers.checkpoints import CheckpointError  # pylint: disable=g-import-not-at-top
   if not sf.WORKDIR.value or _PROMPT.value is None:
     gin_utils.exit_with_error('charred.sample', ValueError('--workdir and --prompt are required.'))
   try:
     schedulers.lookup(sf.SCHEDULER.value)  # a bad name fails before the run loads
     run = runs.load_run(sf.WORKDIR.value, sf.CHECKPOINT_STEP.value)
-    sampling = evaluators.sampling_config(run.experiment.evaluators)
-    generator = run.model.generator(run.params, **sf.generator_kwargs(sampling.guidance_scale))
+    pipe = TextToImagePipeline.from_run(run)
     boxes = None
     if _BOX.value is not None:
       boxes = [parse_box(_BOX.value)] * _NUM_IMAGES.value
@@ -76,10 +79,11 @@ def main(argv):
       print(f'Box {",".join(map(str, box))}: where the training data would draw the quoted '
             'text (--box to choose).')
       boxes = [box] * _NUM_IMAGES.value
-    images = generator([_PROMPT.value] * _NUM_IMAGES.value, seed=sf.SEED.value, boxes=boxes)
+    images = pipe([_PROMPT.value] * _NUM_IMAGES.value, seed=sf.SEED.value, boxes=boxes,
+                  progress=_PROGRESS.value, **sf.generator_kwargs(pipe.guidance_scale))
   except (PromptTooLongError, FileNotFoundError, ValueError, CheckpointError) as e:
     gin_utils.exit_with_error('charred.sample', e)
-  picture = np.concatenate(list(images), axis=1)
+  picture = np.concatenate([np.asarray(image) for image in images], axis=1)
   os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
   grid.save_png(_OUTPUT.value, picture)
   print(f'Wrote {_OUTPUT.value} ({picture.shape[1]}x{picture.shape[0]}) from step {run.step}.')

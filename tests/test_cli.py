@@ -89,6 +89,16 @@ def test_evaluate_prints_one_json_line(micro_run, tmp_path):
   assert result['guidance_scale'] == float(declared)
 
 
+def test_evaluate_quantized_to_int8(micro_run, tmp_path):
+  words = tmp_path / 'words.txt'
+  words.write_text('hello\n')
+  proc = run_cli('evaluate', f'--workdir={micro_run}', f'--words_file={words}', '--steps=2',
+                 '--quantize=int8')
+  result = json.loads([l for l in proc.stdout.splitlines() if l.strip()][-1])
+  assert result['quantize'] == 'int8' and result['num_words'] == 1
+  assert 0.0 <= result['exact_match'] <= 1.0 and result['validation/loss'] > 0
+
+
 def _one_error_line(proc):
   assert proc.returncode != 0
   lines = [l for l in proc.stderr.splitlines() if ': error: ' in l]

@@ -22,13 +22,14 @@ LAYERS = (
                 'charred.models.image_codec', 'charred.models.model_kinds',
                 'charred.models.losses', 'charred.models.diffusion_model',
                 'charred.models.base_model', 'charred.models.tracing',
+                'charred.models.quantize',
                 'charred.evaluation.attention_maps')),
     # 2: reading and converting weights.
     ('weights', ('charred.models', 'charred.models.pretrained', 'charred.models.convert')),
     # 3: training, checkpoints, evaluators and the data pipeline.
     ('training and data', ('charred.trainers', 'charred.datasets', 'charred.evaluation')),
     # 4: experiments: what gin binds and parses, and runs rebuilt from their workdirs.
-    ('experiments', ('charred.configs',)),
+    ('experiments', ('charred.configs', 'charred.pipeline')),
     # 5: entry points (flags).
     ('entry points', ('charred.main', 'charred.evaluate', 'charred.sample', 'charred.sweep',
                       'charred.cache_encoder', 'charred.configs.sampling_flags',

@@ -35,9 +35,9 @@ def cross_attention_maps(model: TextToImage, params, images, tokens, mask, times
   x_t = diffusion.add_noise(x0, noise, jnp.full((x0.shape[0],), alpha_bar))
   t = jnp.full((x0.shape[0],), timestep, jnp.int32)
   apply = functools.partial(model.apply, {'params': params})
-  context = apply(tokens, mask, method=TextToImage.encode_text)
+  context = apply(tokens, mask, method='encode_text')
   layout = None if boxes is None else text_layout(tokens, mask, boxes, c.image_size)
-  _, state = apply(x_t, t, context, mask, layout, method=TextToImage.denoise,
+  _, state = apply(x_t, t, context, mask, layout, method='denoise',
                    mutable=['intermediates'])
   maps = [v for path, value in flax.traverse_util.flatten_dict(state).items()
           if 'cross_attention' in path for v in value]

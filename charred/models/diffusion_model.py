@@ -30,6 +30,7 @@ from charred.models import diffusion
 from charred.models import losses
 from charred.models import preprocess as preprocess_lib
 from charred.models.base_model import batch_size_of
+from charred.models import quantize
 from charred.models.generation import ImageGenerator
 from charred.models.image_codec import PixelCodec
 from charred.models.text_to_image import TextToImage, TextToImageConfig, init_params
@@ -128,11 +129,12 @@ class DiffusionModel(base_model.BaseModel):
   `empty_context`: with batches from an encoder cache (which carry `text_context`
   computed before caption dropout), the empty caption's hidden states [L, D] from the
   same cache, substituted for each dropped caption (cut or zero-padded to the batch's
-  text length, `fit_length`).
+  text length, `fit_length`). `quantization`: a mode of `quantize.MODES`, whose int8
+  params `quantized` makes (such a model samples and evaluates; it does not train).
   """
 
   def __init__(self, config: TextToImageConfig, objective: ObjectiveConfig = ObjectiveConfig(),
-               codec=None, empty_context=None):
+               codec=None, empty_context=None, quantization: str | None = None):
     if codec is None and not config.pixel_space:
       raise ValueError('a latent-space model needs codec= (its frozen VAE: '
                        'charred.models.pretrained.make_codec).')
@@ -141,18 +143,30 @@ class DiffusionModel(base_model.BaseModel):
     self.codec = codec or PixelCodec()
     config.check_codec(self.codec)
     self.module = TextToImage(config)
+    self.quantization = quantization
+    if quantization is not None:
+      self.module = quantize.quantize_module(self.module, quantization)
     self.empty_context = empty_context
     if objective.char_loss_weight > 0 and not config.unet.char_head_classes:
       raise ValueError('char_loss_weight needs a character head: set '
                        'UNetConfig.char_head_classes (e.g. 256).')
 
   def replace(self, **kwargs) -> DiffusionModel:
-    """The same model with another `config`, `objective`, `codec` or `empty_context`."""
+    """The same model with another `config`, `objective`, `codec`, `empty_context` or
+    `quantization`."""
     args = dict(config=self.config, objective=self.objective, codec=self.codec,
-                empty_context=self.empty_context)
+                empty_context=self.empty_context, quantization=self.quantization)
     return DiffusionModel(**{**args, **kwargs})
 
   batch_keys = BATCH_KEYS
+
+  def quantized(self, params, mode: str) -> tuple[DiffusionModel, Any]:
+    """(this model with int8 kernels in its networks, its VAE's included, `params`
+    quantised for it); `mode` is one of `quantize.MODES`."""
+    if self.quantization is not None:
+      raise ValueError(f'This model is already quantised ({self.quantization}).')
+    model = self.replace(codec=quantize.quantize_codec(self.codec, mode), quantization=mode)
+    return model, quantize.quantize_params(model.module, params, *self.abstract_inputs())
 
   # The parameter collections the optimizer leaves untouched.
   @property
@@ -197,7 +211,7 @@ class DiffusionModel(base_model.BaseModel):
 
   def encode_text(self, params, tokens, mask):
     return self.module.apply({'params': params}, tokens, mask,
-                             method=TextToImage.encode_text)
+                             method='encode_text')
 
   # -- The frozen text encoder on the host --------------------------------------------------
 
@@ -307,11 +321,11 @@ class DiffusionModel(base_model.BaseModel):
     layout = self.layout(batch)
     if glyphs or chars:  # cross-attention weights and character logits are sown
       prediction, intermediates = self.module.apply(
-          {'params': params}, x_t, t, context, mask, layout, method=TextToImage.denoise,
+          {'params': params}, x_t, t, context, mask, layout, method='denoise',
           mutable=['intermediates'])
     else:
       prediction = self.module.apply({'params': params}, x_t, t, context, mask, layout,
-                                     method=TextToImage.denoise)
+                                     method='denoise')
     target = diffusion.training_target(mc.prediction_type, images, noise, alpha_bar)
     pixel_weights = None
     if objective.glyph_loss_weight > 0:

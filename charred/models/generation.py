@@ -43,12 +43,14 @@ class ImageGenerator:
   DDPM/DDIM clipping x0 to [-1, 1] in pixel space) or a `schedulers.Scheduler`. Either
   way the model's noise schedule and prediction type replace the scheduler's own.
   `guidance_rescale` is diffusers' phi (0.7 with a zero-terminal-SNR schedule). `codec`
-  defaults to pixels; a latent-space model needs its VAE's.
+  defaults to pixels; a latent-space model needs its VAE's. `progress`: a tqdm bar over
+  the sampling steps of each batch, drawn from inside the compiled loop.
   """
 
   def __init__(self, model: TextToImage, params, *, num_steps: int = 50,
                guidance_scale: float = 3.0, spacing: str = 'trailing', codec=None,
-               scheduler: str | schedulers.Scheduler = 'ddim', guidance_rescale: float = 0.0):
+               scheduler: str | schedulers.Scheduler = 'ddim', guidance_rescale: float = 0.0,
+               progress: bool = False):
     self.model = model
     if codec is None and not model.config.pixel_space:
       raise ValueError('a latent-space model needs codec= (its frozen VAE: '
@@ -61,6 +63,7 @@ class ImageGenerator:
     self.num_steps = num_steps
     self.guidance_scale = guidance_scale
     self.guidance_rescale = guidance_rescale
+    self.progress = progress
     self.scheduler = self._bind(scheduler, spacing)
     # A second trace of one signature (a retrace on every call) raises.
     self._sample = jax.jit(tracing.once_per_signature(self._sample_impl, 'sample'))
@@ -94,10 +97,12 @@ class ImageGenerator:
   def _sample_impl(self, params, tokens, mask, rng, boxes=None):
     c = self.model.config
     apply = functools.partial(self.model.apply, {'params': params})
-    context = apply(tokens, mask, method=TextToImage.encode_text)
+    # Methods by name: a quantised model (charred.models.quantize) is a subclass that
+    # overrides them.
+    context = apply(tokens, mask, method='encode_text')
     # The unconditional branch is the empty caption, as caption dropout trains it.
     empty_tokens, empty_mask = (jnp.asarray(a) for a in tokenizer.encode_batch([''], c.text_length))
-    uncond = apply(empty_tokens, empty_mask, method=TextToImage.encode_text)
+    uncond = apply(empty_tokens, empty_mask, method='encode_text')
     b = tokens.shape[0]
     uncond = jnp.broadcast_to(uncond, (b,) + uncond.shape[1:])
     uncond_mask = jnp.broadcast_to(empty_mask, mask.shape)
@@ -109,12 +114,13 @@ class ImageGenerator:
       # drawn in the same boxes.
       tiled = None if layout is None else jax.tree_util.tree_map(
           lambda a: jnp.concatenate([a] * (x.shape[0] // b)), layout)
-      return apply(x, t, ctx, m, tiled, method=TextToImage.denoise)
+      return apply(x, t, ctx, m, tiled, method='denoise')
 
     x = sampling.sample(
         denoise, noise, context, mask, uncond, uncond_mask, scheduler=self.scheduler,
         num_steps=self.num_steps, guidance_scale=self.guidance_scale,
-        guidance_rescale=self.guidance_rescale, rng=jax.random.fold_in(rng, 1))
+        guidance_rescale=self.guidance_rescale, rng=jax.random.fold_in(rng, 1),
+        progress=self.progress)
     return self.codec.decode(x)
 
   def __call__(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 64,

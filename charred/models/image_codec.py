@@ -43,7 +43,7 @@ class LatentCodec:
 
   def encode_distribution(self, images):
     """The unscaled diagonal Gaussian posterior: (mean, logvar), each [B, H/f, W/f, Z]."""
-    return self.module.apply({'params': self.params}, images, method=AutoencoderKL.encode)
+    return self.module.apply({'params': self.params}, images, method='encode')
 
   def sample(self, mean, logvar, rng=None):
     """Scaled latents from a posterior (`encode_distribution`'s, or an encoder cache's):
@@ -54,4 +54,4 @@ class LatentCodec:
 
   def decode(self, latents):
     return self.module.apply({'params': self.params}, latents / self.config.scaling_factor,
-                             method=AutoencoderKL.decode)
+                             method='decode')

@@ -34,14 +34,17 @@ def rescale_noise_cfg(guided: jax.Array, cond: jax.Array, guidance_rescale: floa
 def sample(denoise: DenoiseFn, noise: jax.Array, context: jax.Array, mask: jax.Array,
            uncond_context: jax.Array, uncond_mask: jax.Array, *,
            scheduler: schedulers_lib.Scheduler, num_steps: int, guidance_scale: float,
-           guidance_rescale: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+           guidance_rescale: float = 0.0, rng: jax.Array | None = None,
+           progress: bool = False) -> jax.Array:
   """From unit Gaussian `noise` to a sample, as diffusers' pipelines loop.
 
   The noise is scaled by the scheduler's `init_noise_sigma`. Guidance runs the conditional
   and unconditional branches as one batch of 2B: out = uncond + scale * (cond - uncond),
   then `rescale_noise_cfg` if `guidance_rescale` > 0; scale 1 disables it. Stochastic
   schedulers need `rng` (folded with the step index). Meant to be traced under jit: the
-  schedule is numpy at trace time and the loop is one `lax.fori_loop`.
+  schedule is numpy at trace time and the loop is one `lax.fori_loop`. `progress` draws a
+  tqdm bar from inside the loop (host callbacks; a different program, so a different
+  trace, from the one without).
   """
   if scheduler.stochastic and rng is None:
     raise ValueError(f'{type(scheduler).__name__} is stochastic: pass rng.')
@@ -71,8 +74,12 @@ def sample(denoise: DenoiseFn, noise: jax.Array, context: jax.Array, mask: jax.A
     step_rng = None if rng is None else jax.random.fold_in(rng, i)
     return scheduler.step(state, out, i, x, step_rng)
 
+  n = state.timesteps.shape[0]
+  if progress:
+    import jax_tqdm  # pylint: disable=g-import-not-at-top
+    body = jax_tqdm.loop_tqdm(n, desc='sampling', leave=False)(body)
   x = noise * scheduler.init_noise_sigma(num_steps)
-  x, _ = jax.lax.fori_loop(0, state.timesteps.shape[0], body, (x, state))
+  x, _ = jax.lax.fori_loop(0, n, body, (x, state))
   return x
 
 

@@ -85,7 +85,8 @@ class Dense2D(nn.Module):
   def __call__(self, x):
     kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                         (x.shape[-1], self.features), jnp.float32)
-    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    # jnp.asarray, not .astype: a quantisation library's int8 kernel casts itself there.
+    return jnp.dot(x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
 
 
 class RelativePositionBias(nn.Module):
