@@ -281,6 +281,9 @@ def box_coordinates(height: int, width: int, layout: TextLayout):
   return (x[None] - x0) / jnp.maximum(x1 - x0, 1e-6) * layout.chars[:, None]
 
 
+LAYOUT_FEATURES = 5  # per cell: inside, column, row, box height, advance
+
+
 def layout_features(height: int, width: int, layout: TextLayout):
   """float32 [B, height, width, 5]: per cell, inside its example's box (0/1), its column
   and row as fractions of the box (0 at the left/top edge, 1 at the right/bottom), and the
@@ -659,8 +662,9 @@ class UNet(nn.Module):
       table = self.param('position_embedding', nn.with_logical_partitioning(
           nn.initializers.normal(0.02), ('height', 'width', 'embed')), x.shape[1:], jnp.float32)
       x = x + table.astype(c.dtype)[None]
-    if c.layout_features and layout is not None:
-      features = layout_features(x.shape[1], x.shape[2], layout)
+    if c.layout_features:  # no layout (e.g. at init): no cell is in a box
+      features = (layout_features(x.shape[1], x.shape[2], layout) if layout is not None
+                  else jnp.zeros(x.shape[:3] + (LAYOUT_FEATURES,), jnp.float32))
       x = x + dense(channels[0], (None, 'embed'), c.dtype, 'layout_embedding')(
           features.astype(c.dtype))
     skips = [x]
