@@ -275,5 +275,5 @@ def test_line_boxes_sit_one_distance_above_the_baseline_whatever_the_letters():
       tops.add(ex['y'] - y0)  # 'y': the baseline
     return tops
   ascent, _ = render.load_font('DejaVuSansMono.ttf', 20).getmetrics()
-  assert tops_above_baseline('r1_line') == {ascent}
-  assert len(tops_above_baseline('r1')) > 1  # ink boxes follow ascenders
+  assert tops_above_baseline('r1') == {ascent}
+  assert len(tops_above_baseline('r1_ink')) > 1  # ink boxes follow ascenders

@@ -59,7 +59,7 @@ class RenderConfig:
     colors: fixed (text, background) RGB colours instead of random ones (the random
       pair is still drawn, so every other style choice of an example stays the same).
     placement: 'fixed' or 'anywhere' (ladder.py: uniform over every left offset that
-      keeps the text `margin` px inside and every vertical offset that keeps its ink
+      keeps the text `margin` px inside and every vertical offset that keeps its boxes
       inside; `x_offset` and `y_jitter` are then unused). The fields below are read only
       with 'anywhere'.
     margin: the 'anywhere' text's minimum distance from the left and right edges.

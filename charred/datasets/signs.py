@@ -105,9 +105,12 @@ BASE = SignsConfig(
 # all with tiny_grid's validation words and a test split of 300 more (taken out of its
 # training words); faces are split from R2 on. R0 is tiny_grid itself.
 LADDER_WORDS = words_lib.WordSplitConfig(num_test=300)
-# R1: free placement: the word anywhere it fits (2 px from the sides, ink inside), same
-# font, size, colours, template and words as tiny_grid.
-R1 = SignsConfig(render=dataclasses.replace(TINY_GRID.render, placement=render_lib.ANYWHERE),
+# R1: free placement: the word anywhere it fits (2 px from the sides, its line inside),
+# same font, size, colours, template and words as tiny_grid. Text boxes span the font's
+# line (ascent to descent), so a box's top is one distance above the baseline whatever the
+# letters (`RenderConfig.line_boxes`; 'r1_ink' boxes the ink instead: docs/text_rendering.md).
+R1 = SignsConfig(render=dataclasses.replace(TINY_GRID.render, placement=render_lib.ANYWHERE,
+                                            line_boxes=True),
                  words=LADDER_WORDS)
 # R2: + fonts and sizes: proportional DejaVu Sans and Serif, Sans Mono, in regular, bold
 # and oblique/italic, and a handwriting face (Caveat, from its fontpkg wheel), at 10-22 px
@@ -133,16 +136,15 @@ R3 = dataclasses.replace(R2, render=dataclasses.replace(
 # characters; captions of at most 95 bytes (text_length 96 with EOS).
 R4 = dataclasses.replace(R3, render=dataclasses.replace(
     R3.render, height=64, width=256, font_size=(20, 44)), language=ladder.LanguageConfig())
-# R1 with line boxes (render.RenderConfig.line_boxes): the box's vertical extent is the
-# font's line, not the word's ink.
-R1_LINE = dataclasses.replace(R1, render=dataclasses.replace(R1.render, line_boxes=True))
-# R1 with line boxes at R2's sizes (10-22 px), still one face: R2's sizes without its faces.
-R1_SIZES_LINE = dataclasses.replace(R1_LINE, render=dataclasses.replace(
-    R1_LINE.render, font_size=R2.render.font_size))
+# Ablations of the ladder: R1 and R2 with boxes over the text's ink (which move with its
+# ascenders and descenders), and R1 at R2's sizes (10-22 px) in R1's faces.
+R1_INK = dataclasses.replace(R1, render=dataclasses.replace(R1.render, line_boxes=False))
+R2_INK = dataclasses.replace(R2, render=dataclasses.replace(R2.render, line_boxes=False))
+R1_SIZES = dataclasses.replace(R1, render=dataclasses.replace(
+    R1.render, font_size=R2.render.font_size))
 CONFIGS = {"tiny": TINY, "tiny_bw": TINY_BW, "tiny_grid": TINY_GRID, "tiny16": TINY16,
            "micro": MICRO, "base": BASE, "r0": TINY_GRID, "r1": R1, "r2": R2, "r3": R3,
-           "r4": R4, "r1_line": R1_LINE,
-           "r1_sizes_line": R1_SIZES_LINE}
+           "r4": R4, "r1_ink": R1_INK, "r2_ink": R2_INK, "r1_sizes": R1_SIZES}
 
 
 def get_config(name: str) -> SignsConfig:
