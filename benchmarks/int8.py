@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import jax
 
@@ -28,6 +26,7 @@ from charred.models import text_to_image as t2i
 from charred.models import unet as unet_lib
 from charred.models.diffusion_model import DiffusionModel
 from charred.pipeline import TextToImagePipeline
+from unet_step import median_seconds  # benchmarks/: one timing for every benchmark
 
 _ENCODER = dict(vocab_size=384, d_model=64, num_heads=4, head_dim=16, d_ff=128, num_layers=2)
 CONFIGS = {
@@ -58,17 +57,6 @@ def model_config(name: str) -> t2i.TextToImageConfig:
       text_length=32, image_size=c['image_size'])
 
 
-def median_seconds(fn, iters: int) -> float:
-  """Median wall time of `iters` calls of `fn`, after one untimed call (compilation)."""
-  fn()
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', choices=sorted(CONFIGS), default='tiny')
@@ -81,13 +69,13 @@ def main():
   pipe = TextToImagePipeline(model, model.init_params(jax.random.PRNGKey(0)))
   prompts = ['A sign that says "int8".'] * args.batch
   sample = lambda p: p(prompts, num_steps=args.steps, batch_size=args.batch)
-  fp32_seconds = median_seconds(lambda: sample(pipe), args.iters)
+  fp32_seconds = median_seconds(lambda: sample(pipe), args.iters, warmup=1)
   result = {'config': args.config, 'steps': args.steps, 'batch': args.batch,
             'device': jax.devices()[0].device_kind, 'machine': platform.machine(),
             'float32': {'weight_bytes': pipe.weight_bytes(), 'seconds': fp32_seconds}}
   for mode in quantize.MODES:
     int8 = pipe.to_int8(mode)
-    seconds = median_seconds(lambda: sample(int8), args.iters)  # pylint: disable=cell-var-from-loop
+    seconds = median_seconds(lambda: sample(int8), args.iters, warmup=1)  # pylint: disable=cell-var-from-loop
     result[mode] = {'weight_bytes': int8.weight_bytes(), 'seconds': seconds,
                     'bytes_ratio': pipe.weight_bytes() / int8.weight_bytes(),
                     'speed_ratio': fp32_seconds / seconds}
