@@ -281,6 +281,14 @@ def box_coordinates(height: int, width: int, layout: TextLayout):
   return (x[None] - x0) / jnp.maximum(x1 - x0, 1e-6) * layout.chars[:, None]
 
 
+def _inside_box(height: int, width: int, layout: TextLayout):
+  """bool [B, height * width]: each cell's centre lies inside its example's box."""
+  x, y = _cell_centres(height, width)
+  bx = layout.boxes
+  return ((x[None] >= bx[:, 0:1]) & (x[None] < bx[:, 2:3]) & (y[None] >= bx[:, 1:2])
+          & (y[None] < bx[:, 3:4]))
+
+
 LAYOUT_FEATURES = 5  # per cell: inside, column, row, box height, advance
 
 
@@ -291,7 +299,7 @@ def layout_features(height: int, width: int, layout: TextLayout):
   x, y = _cell_centres(height, width)
   x0, y0, x1, y1 = (layout.boxes[:, k:k + 1] for k in range(4))
   w, h = jnp.maximum(x1 - x0, 1e-6), jnp.maximum(y1 - y0, 1e-6)
-  inside = (x[None] >= x0) & (x[None] < x1) & (y[None] >= y0) & (y[None] < y1)
+  inside = _inside_box(height, width, layout)
   advance = w / jnp.maximum(layout.chars[:, None], 1.0)
   b = layout.boxes.shape[0]
   features = [inside.astype(jnp.float32), (x[None] - x0) / w, (y[None] - y0) / h,
@@ -303,10 +311,7 @@ def layout_features(height: int, width: int, layout: TextLayout):
 def box_mask(height: int, width: int, layout: TextLayout, mask):
   """[B, height * width, L] key mask: `mask` [B, L], with the quoted characters' tokens
   hidden from every cell whose centre lies outside the example's box."""
-  x, y = _cell_centres(height, width)
-  bx = layout.boxes
-  inside = ((x[None] >= bx[:, 0:1]) & (x[None] < bx[:, 2:3]) & (y[None] >= bx[:, 1:2])
-            & (y[None] < bx[:, 3:4]))
+  inside = _inside_box(height, width, layout)
   if mask is None:
     mask = jnp.ones(layout.in_span.shape, jnp.int32)
   visible = inside[:, :, None] | ~layout.in_span[:, None, :]
