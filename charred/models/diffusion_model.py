@@ -31,6 +31,7 @@ from charred.models import losses
 from charred.models import preprocess as preprocess_lib
 from charred.models.base_model import batch_size_of
 from charred.models import quantize
+from charred.models import text_frame
 from charred.models.generation import ImageGenerator
 from charred.models.image_codec import PixelCodec
 from charred.models.text_to_image import TextToImage, TextToImageConfig, init_params
@@ -338,16 +339,23 @@ class DiffusionModel(base_model.BaseModel):
     keep = ~self.caption_drop_mask(rng, first_example, b)
     sown = flax.traverse_util.flatten_dict(intermediates) if glyphs or chars else {}
     glyph_maps = {k: batch[k] for k in ('glyph_tokens', 'glyph_chars') if k in batch}
+    blank = batch['blank_tokens'] if objective.attention_loss_blank else None
     if (glyphs or chars) and mc.anchor_patches:
       # The U-Net attended in its anchored frame: move the pixel targets there too.
       shift = anchor_shift(layout, x_t.shape[1:3], mc.patch_size)
       glyph_maps = {k: roll(v, -shift * self.codec.downsample_factor)
                     for k, v in glyph_maps.items()}
+    if (glyphs or chars) and mc.text_frame is not None:
+      # The U-Net ran on the image, then on its text frame: targets for both passes.
+      frame = text_frame.text_frame(layout, mc.image_size, mc.text_frame, mc.image_size)
+      glyph_maps = {k: jnp.concatenate([v, text_frame.labels_into_frame(v, frame)])
+                    for k, v in glyph_maps.items()}
+      keep = jnp.concatenate([keep, keep])
+      blank = None if blank is None else jnp.concatenate([blank, blank])
     if glyphs:
       maps = [v for path, value in sown.items() if 'cross_attention' in path for v in value]
       terms['attention'] = objective.attention_loss_weight * losses.glyph_attention_loss(
-          maps, glyph_maps['glyph_tokens'], keep,
-          batch['blank_tokens'] if objective.attention_loss_blank else None)
+          maps, glyph_maps['glyph_tokens'], keep, blank)
     if chars:
       logits = [v for path, value in sown.items() if 'char_logits' in path for v in value]
       terms['char'] = objective.char_loss_weight * losses.glyph_char_loss(

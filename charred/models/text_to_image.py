@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from charred import tokenizer
 from charred.models import diffusion
+from charred.models import text_frame as frames
 from charred.models.t5_encoder import T5Encoder, T5EncoderConfig
 from charred.models.unet import TextLayout, UNet, UNetConfig, sinusoidal_positions
 
@@ -60,6 +61,10 @@ class TextToImageConfig:
   # and back after), so a text drawn from its box's corner always meets the patches at one
   # phase, as the grid-aligned signs do, wherever the box is.
   anchor_patches: bool = False
+  # With box_conditioning: the U-Net also draws the text in its text frame, where the box
+  # has one height and one corner whatever its size and place (charred.models.text_frame),
+  # and the pixels around the box come from that pass. Costs a second U-Net pass.
+  text_frame: frames.TextFrameConfig | None = None
 
   def text_tokenizer(self):
     """None for bytes (charred.tokenizer), else the subword tokenizer object."""
@@ -88,6 +93,10 @@ class TextToImageConfig:
     if self.anchor_patches and not self.box_conditioning:
       raise ValueError('anchor_patches anchors the patch grid at the text box: set '
                        'box_conditioning=True.')
+    if self.text_frame is not None and (not self.box_conditioning or self.anchor_patches):
+      raise ValueError('text_frame resamples the text box into place: set '
+                       'box_conditioning=True and anchor_patches=False (the frame puts the '
+                       "box's corner at text_frame.origin, on the patch grid).")
     if self.unet.layout_features and not self.box_conditioning:
       raise ValueError('unet.layout_features reads the text box: set box_conditioning=True.')
 
@@ -99,6 +108,10 @@ class TextToImageConfig:
       raise ValueError(f'unet in/out channels must be {codec.channels} * patch_size**2 = '
                        f'{want}, got {self.unet.in_channels}/{self.unet.out_channels}.')
     h, w = self.image_size
+    step = codec.downsample_factor * self.patch_size
+    if self.text_frame is not None and any(o % step for o in self.text_frame.origin):
+      raise ValueError(f'text_frame.origin {self.text_frame.origin} must be on the patch '
+                       f'grid: multiples of {step} image pixels.')
     if (h // codec.downsample_factor) % self.patch_size or (
         w // codec.downsample_factor) % self.patch_size:
       raise ValueError(f'image_size {self.image_size} / {codec.downsample_factor} is not '
@@ -133,14 +146,31 @@ class TextToImage(nn.Module):
               deterministic: bool = True):
     """One network evaluation on noisy images or latents [B, h, w, C]; `layout` (see
     `text_layout`) for the box-conditioned model."""
-    p = self.config.patch_size
+    c = self.config
+    if c.text_frame is not None and layout is not None:
+      # One pass on the image and one on its text frame, batched.
+      size = x_t.shape[1:3]
+      frame = frames.text_frame(layout, size, c.text_frame, c.image_size)
+      both = lambda a, b: jnp.concatenate([a, b])
+      out = self._unet(both(x_t, frames.into_frame(x_t, frame)), both(timesteps, timesteps),
+                       both(context, context), None if mask is None else both(mask, mask),
+                       jax.tree_util.tree_map(both, layout,
+                                              frames.frame_layout(layout, frame, size)),
+                       deterministic)
+      whole, framed = jnp.split(out, 2)
+      return jnp.where(frames.frame_region(frame, size), frames.from_frame(framed, frame),
+                       whole)
     shift = None
-    if self.config.anchor_patches and layout is not None:
-      shift = anchor_shift(layout, x_t.shape[1:3], p)
+    if c.anchor_patches and layout is not None:
+      shift = anchor_shift(layout, x_t.shape[1:3], c.patch_size)
       x_t, layout = roll(x_t, -shift), shifted_layout(layout, -shift, x_t.shape[1:3])
-    out = depth_to_space(self.unet(space_to_depth(x_t, p), timesteps, context, mask,
-                                   deterministic=deterministic, layout=layout), p)
+    out = self._unet(x_t, timesteps, context, mask, layout, deterministic)
     return out if shift is None else roll(out, shift)
+
+  def _unet(self, x_t, timesteps, context, mask, layout, deterministic):
+    p = self.config.patch_size
+    return depth_to_space(self.unet(space_to_depth(x_t, p), timesteps, context, mask,
+                                    deterministic=deterministic, layout=layout), p)
 
   def __call__(self, x_t, timesteps, tokens, mask, deterministic: bool = True):
     context = self.encode_text(tokens, mask, deterministic)
