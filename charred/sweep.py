@@ -661,4 +661,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Sweep files write references as `from charred import sweep; sweep.GinLiteral(...)`:
+  # they get this module, not a second copy (whose flags would clash and whose
+  # GinLiteral would be another class).
+  sys.modules.setdefault('charred.sweep', sys.modules[__name__])
   app.run(main)

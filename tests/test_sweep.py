@@ -259,6 +259,18 @@ def test_shipped_smoke_sweep_validates_in_a_dry_run(tmp_path):
   assert not workdir.exists()
 
 
+def test_a_sweep_file_imports_charred_sweep_for_gin_references(tmp_path):
+  # As the module docstring says to write them, while charred.sweep runs the file.
+  path = write_sweep_file(tmp_path / 'refs.py', [], body=(
+      'from charred import sweep\n'
+      f'GIN_FILES = [{MICRO_GIN!r}]\n'
+      'def get_sweep():\n'
+      "  return [{'trainer.TrainConfig.train_steps': sweep.GinLiteral('%CHECKPOINT_EVERY')}]\n"))
+  proc = run_sweep_cli(f'--sweep_file={path}', f'--workdir={tmp_path / "s"}', '--dry_run')
+  assert proc.returncode == 0, proc.stderr
+  assert 'trainer.TrainConfig.train_steps = %CHECKPOINT_EVERY' in proc.stdout
+
+
 # Pure parts.
 
 def test_gin_values_are_gin_literals():
