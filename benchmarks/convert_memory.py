@@ -7,7 +7,7 @@ Writes a synthetic t5x tensorstore checkpoint (gzip zarr arrays and a `checkpoin
 of their specs, as t5x lays them out) with the encoder shapes of gin/models/byt5_SIZE.gin,
 float32, filled with tiles of one random block (tiles longer than gzip's 32 KiB window, so
 the files stay incompressible like real weights). Then runs
-`python -m charred.models.convert SRC OUT` in a subprocess and samples its
+`python -m charred.convert SRC OUT` in a subprocess and samples its
 /proc/PID/status every 20 ms: VmHWM (the kernel's peak resident set), RssAnon (heap:
 what the converter holds) and RssFile (mapped file pages, which the kernel can drop). A
 baseline child that only imports the converter's modules separates interpreter and library
@@ -141,7 +141,7 @@ def main():
                             'import charred.models.convert.__main__, charred.models.pretrained,'
                             ' charred.models.convert.t5, orbax.checkpoint, tensorstore'],
                            os.path.join(work, 'baseline.log'))
-    run = run_sampled([sys.executable, '-m', 'charred.models.convert', src, out],
+    run = run_sampled([sys.executable, '-m', 'charred.convert', src, out],
                       os.path.join(work, 'convert.log'))
     if run['returncode'] != 0:
       sys.exit(f'converter failed ({run["returncode"]}):\n{run["output"][-3000:]}')

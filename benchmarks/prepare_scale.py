@@ -11,9 +11,9 @@ photo-like JPEGs of 160-320 px a side by default, 500 rows a shard, ~3 % bad row
 captions that are not UTF-8, failed downloads), then runs, each in a fresh child process
 with a fresh TFDS data_dir and output directory,
 
-  python -m charred.datasets.prepare --builder=laion_hr/unfiltered --manual_dir=M \
+  python -m charred.prepare --builder=laion_hr/unfiltered --manual_dir=M \
       --data_dir=D --out=O [--num_workers=1]                       # single process
-  python -m charred.datasets.prepare ... --runner=direct \
+  python -m charred.prepare ... --runner=direct \
       --beam_pipeline_options=direct_num_workers=W                 # Beam
 
 i.e. TFDS builder generation from the tars + parquet files, then the JPEG XL shards
@@ -61,7 +61,7 @@ def _tree_rss(proc: psutil.Process) -> int:
 def run_prepare(manual: str, work: str, name: str, extra: list[str]) -> dict:
   """One `prepare` in a child; wall-clock seconds and peak RSS of its process tree."""
   data_dir, out = os.path.join(work, f"tfds_{name}"), os.path.join(work, f"out_{name}")
-  cmd = [sys.executable, "-m", "charred.datasets.prepare", f"--builder={BUILDER}",
+  cmd = [sys.executable, "-m", "charred.prepare", f"--builder={BUILDER}",
          f"--manual_dir={manual}", f"--data_dir={data_dir}", f"--out={out}", *extra]
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
              TF_CPP_MIN_LOG_LEVEL="3")

@@ -14,7 +14,7 @@ encoder of its newest checkpoint). `--task` defaults to the experiment's typogra
 its images must already have the model's image size. Train on the output with
 `experiment.DataConfig.encoder_cache = 'DIR'` (the text encoder must be frozen).
 
-`--shards` reads prepared JPEG XL shards (`python -m charred.datasets.prepare`) instead
+`--shards` reads prepared JPEG XL shards (`python -m charred.prepare`) instead
 of a task: every record at the size of its aspect bucket (the experiment's
 `DataConfig.buckets`, which training must then use too), as the bucketed reader decodes
 it (encoder_cache_shards_tiny.gin). The output appears only when complete.

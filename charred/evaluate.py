@@ -40,8 +40,8 @@ import time
 from absl import app
 from absl import flags
 
+from charred import sampling_flags as sf
 from charred.configs import gin_utils
-from charred.configs import sampling_flags as sf
 
 _WORDS_FILE = flags.DEFINE_string('words_file', None, 'One word per line (default: the '
                                   "run's validation words).")

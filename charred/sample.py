@@ -21,8 +21,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from charred import sampling_flags as sf
 from charred.configs import gin_utils
-from charred.configs import sampling_flags as sf
 
 _PROMPT = flags.DEFINE_string('prompt', None, 'Text prompt.')
 _OUTPUT = flags.DEFINE_string('output', 'sample.png', 'PNG file to write.')

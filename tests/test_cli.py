@@ -45,7 +45,10 @@ def test_entry_points_import_together():
       '.'.join(path.relative_to(REPO).with_suffix('').parts)
       for path in package.rglob('*.py')
       if re.search(r"^if __name__ == ['\"]__main__['\"]:", path.read_text(), re.M))
-  assert {'charred.main', 'charred.datasets.prepare', 'charred.evaluate'} <= set(commands)
+  assert {'charred.main', 'charred.evaluate', 'charred.sample', 'charred.sweep',
+          'charred.cache_encoder', 'charred.convert', 'charred.prepare', 'charred.curves',
+          'charred.subword', 'charred.datasets.prepare', 'charred.evaluation.curves',
+          'charred.models.convert.__main__'} <= set(commands)
   proc = subprocess.run([sys.executable, '-c', f'import {", ".join(commands)}'],
                         capture_output=True, text=True, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-500:]

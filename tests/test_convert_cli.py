@@ -1,4 +1,5 @@
-"""`python -m charred.models.convert`: output equals a direct load; bad input is one line."""
+"""`python -m charred.convert` (also `charred.models.convert`): output equals a direct load;
+bad input is one line."""
 
 import json
 import os
@@ -20,7 +21,7 @@ def _flat(params):
 
 def test_t5x_checkpoint_converts_to_what_load_pretrained_reads(tmp_path):
   out = str(tmp_path / 'byt5')
-  proc = run_cli('models.convert', T5X_LEGACY, out)
+  proc = run_cli('convert', T5X_LEGACY, out)
   assert 't5_encoder: 258,728 parameters' in proc.stdout  # the decoder is not converted
   assert proc.stderr == ''
   direct_module, direct = pretrained.load_pretrained(T5X_LEGACY)
@@ -30,7 +31,7 @@ def test_t5x_checkpoint_converts_to_what_load_pretrained_reads(tmp_path):
   assert set(direct) == set(converted)
   for name in direct:
     np.testing.assert_array_equal(converted[name], direct[name], err_msg=name)
-  # An existing output is never overwritten without asking.
+  # An existing output is never overwritten without asking (the command's other name too).
   proc = run_cli('models.convert', T5X_LEGACY, out, check=False)
   assert proc.returncode == 2 and 'exists' in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
@@ -42,7 +43,7 @@ def test_bad_sources_are_one_line_errors_and_write_nothing(tmp_path):
   for src, message in ((str(tmp_path / 'missing'), 'does not exist'),
                        (str(truncated), 'truncated')):
     out = tmp_path / 'out'
-    proc = run_cli('models.convert', src, str(out), check=False)
+    proc = run_cli('convert', src, str(out), check=False)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not out.exists()
@@ -61,7 +62,7 @@ def test_stable_diffusion_layout_converts_and_exports_back(tmp_path):
   _torch_vae().save_pretrained(repo / 'vae', safe_serialization=False)
   (repo / 'model_index.json').write_text(json.dumps({'_class_name': 'StableDiffusionPipeline'}))
   out = tmp_path / 'converted'
-  run_cli('models.convert', str(repo), str(out))
+  run_cli('convert', str(repo), str(out))
   assert sorted(os.listdir(out)) == ['unet', 'vae']
   sample, t, ctx, mask = _unet_inputs(24)
   reference = _run_torch_unet(unet, sample, t, ctx, mask)
@@ -69,6 +70,6 @@ def test_stable_diffusion_layout_converts_and_exports_back(tmp_path):
   assert _rel_err(_run_charred_unet(module, params, sample, t, ctx, mask), reference) <= 1e-5
   assert type(pretrained.load_pretrained(str(out / 'vae'))[0]).__name__ == 'AutoencoderKL'
 
-  run_cli('models.convert', '--to_diffusers', str(out / 'unet'), str(tmp_path / 'back'))
+  run_cli('convert', '--to_diffusers', str(out / 'unet'), str(tmp_path / 'back'))
   again = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / 'back')).eval()
   assert _rel_err(_run_torch_unet(again, sample, t, ctx, mask), reference) <= 1e-5

@@ -1,11 +1,12 @@
 """Learning curves: the batch size from an operative config.gin, points from a workdir's
-metrics.jsonl or a training log, and the plot."""
+metrics.jsonl or a training log, the plot, and `python -m charred.curves`."""
 import json
 import os
 
 import pytest
 
 from charred.evaluation import curves
+from conftest import run_cli
 
 
 def _workdir(tmp_path, config_text, rows):
@@ -42,4 +43,15 @@ def test_curves_from_metrics_and_logs_and_the_plot(tmp_path):
   out = tmp_path / 'curves.png'
   curves.plot({'bytes': [(800, 0.25), (2400, 0.5)], 'subword': [(800, 0.0)]},
               'exact_match_ci', str(out))
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('command', ['curves', 'evaluation.curves'])
+def test_the_command_and_its_alias_draw_a_log(tmp_path, command):
+  log = tmp_path / 'train.log'
+  log.write_text('eval text_rendering @ 10: exact_match 0.000, exact_match_ci 0.125\n'
+                 'eval text_rendering @ 20: exact_match 0.000, exact_match_ci 0.25\n')
+  out = tmp_path / 'curves.png'
+  proc = run_cli(command, f'--run=bytes={log}@4', f'--output={out}', timeout=120)
+  assert proc.stdout.strip() == f'Wrote {out}'
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -1,4 +1,5 @@
-"""`python -m charred.datasets.prepare` on the typography builder's micro config."""
+"""`python -m charred.prepare` (and its alias `charred.datasets.prepare`) on the typography
+builder's micro config."""
 import io
 import json
 import os
@@ -56,7 +57,7 @@ def test_prepare_cli_lossy_tfrecord_and_refusals(micro_dir, tmp_path):
   args = ["--builder=typography/micro", f"--data_dir={micro_dir}", "--split=validation[:20]",
           f"--out={out}", "--format=tfrecord", "--quality=d1.0", "--effort=3",
           "--examples_per_shard=8"]
-  proc = run_cli("datasets.prepare", *args, timeout=300)
+  proc = run_cli("prepare", *args, timeout=300)
   assert "20 records in 3 shards" in proc.stdout.strip().splitlines()[-1]
   with open(os.path.join(out, "manifest.json")) as f:
     manifest = json.load(f)
@@ -74,7 +75,7 @@ def test_prepare_cli_lossy_tfrecord_and_refusals(micro_dir, tmp_path):
     jpeg_psnr.append(psnr(jpeg, source))
   # Lossy but close: on average at least as close as JPEG at quality 90.
   assert min(jxl_psnr) > 25 and np.mean(jxl_psnr) > np.mean(jpeg_psnr), (jxl_psnr, jpeg_psnr)
-  # Existing output: one line, nothing touched.
+  # Existing output: one line, nothing touched (by the command under its other name too).
   proc = run_cli("datasets.prepare", *args, check=False)
   assert proc.returncode == 2 and "--overwrite" in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -136,7 +136,7 @@ def test_runner_without_beam_is_a_one_line_error(monkeypatch):
                     reason='Beam is installed here')
 def test_cli_runner_without_beam(tmp_path):
   out = tmp_path / 'out'
-  proc = run_cli('datasets.prepare', '--builder=laion_hr/unfiltered', f'--out={out}',
+  proc = run_cli('prepare', '--builder=laion_hr/unfiltered', f'--out={out}',
                  f'--manual_dir={tmp_path}', '--runner=direct', check=False)
   errors = [l for l in proc.stderr.splitlines() if ': error: ' in l]
   assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-2000:]

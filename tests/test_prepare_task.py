@@ -65,7 +65,7 @@ def test_filtered_captions_never_reach_a_training_batch(tmp_path):
 
 def test_cli_names_bad_filters_and_sources_in_one_line(tmp_path):
   def one_error(*flags):
-    proc = run_cli('datasets.prepare', *flags, f'--out={tmp_path / "out"}', check=False)
+    proc = run_cli('prepare', *flags, f'--out={tmp_path / "out"}', check=False)
     errors = [l for l in proc.stderr.splitlines() if ': error: ' in l]
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-2000:]
     assert not os.path.exists(tmp_path / 'out')

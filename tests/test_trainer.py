@@ -82,7 +82,7 @@ def test_ema_update_closed_form():
   np.testing.assert_allclose(ema_update(ema, params, 10**6, 0.999)['w'], [0.001], rtol=1e-4)
 
 
-def test_batches_must_be_checkpointable_and_old_position_checkpoints_resume(tmp_path):
+def test_batches_must_be_checkpointable_and_resume_from_their_state(tmp_path):
   import pytest  # pylint: disable=g-import-not-at-top
   from charred.datasets import streams  # pylint: disable=g-import-not-at-top
   from charred.trainers import checkpoints  # pylint: disable=g-import-not-at-top
@@ -91,12 +91,12 @@ def test_batches_must_be_checkpointable_and_old_position_checkpoints_resume(tmp_
   with pytest.raises(TypeError, match='cannot be checkpointed'):
     trainer.train(str(tmp_path / 'plain'), model, config, lambda: iter([fixed_batch()] * 3),
                   log=lambda s: None)
-  # A checkpoint that saved only the batch index (before iterator states): the stream
-  # restarts at that batch.
-  workdir = tmp_path / 'old'
+  # A checkpoint at step 2: the stream restarts from the iterator state it saved.
+  workdir = tmp_path / 'resumed'
   tx = trainer.make_tx(config)
   ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"), async_save=False)
-  ckpt.save(trainer.create_state(model, config, tx).replace(step=2), {'position': 2}, step=2)
+  ckpt.save(trainer.create_state(model, config, tx).replace(step=2),
+            {'position': 2, 'iterator': {'next_index': 2}}, step=2)
   ckpt.close()
   started = []
 

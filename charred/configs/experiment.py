@@ -19,7 +19,7 @@ SOURCES = ('tfds', 'render')
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """What the model trains on: a prepared TFDS typography config (the default), JPEG XL
-  shards from `python -m charred.datasets.prepare` streamed in buckets, or an encoder
+  shards from `python -m charred.prepare` streamed in buckets, or an encoder
   cache. Validation and the text-rendering evaluator always read `builder_config`."""
   builder_config: str = 'tiny'
   # Where typography examples come from: 'tfds' (the prepared `typography/<builder_config>`
@@ -40,7 +40,7 @@ class DataConfig:
   # shards (`cache_encoder --shards=DIR`) is read in `buckets`, which must be the ones it
   # was written for. None: raw data.
   encoder_cache: str | None = None
-  # A `python -m charred.datasets.prepare` output (e.g. LAION-HR or WiT as JPEG XL shards):
+  # A `python -m charred.prepare` output (e.g. LAION-HR or WiT as JPEG XL shards):
   # train on it in aspect-ratio x caption-length buckets; the trainer checkpoints the
   # bucketing iterator's state. None: the typography builder.
   shards: str | None = None

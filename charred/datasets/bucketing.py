@@ -310,7 +310,7 @@ class BucketedBatches(PlannedBatches):
   original_size int32 [B, 2] (stored height, width) and crop_top_left int32 [B, 2].
 
   Resizing uses PIL's antialiased filters, bicubic by default (about a third cheaper
-  than Lanczos, which the original CHARRED used, and as sharp when downscaling).
+  than Lanczos, and as sharp when downscaling).
 
   Records that fail to read or decode are counted in `metrics` and their rows filled
   with another row of the same batch (zeros and '' if none decodes), so that every

@@ -385,7 +385,7 @@ class EncoderCache:
     manifest: the parsed manifest.json.
     text_length: tokens per caption, padded.
     empty_context: float32 [text_length, D], the empty caption's hidden states (what
-      caption dropout substitutes; `trainer.train_step`'s `empty_context`).
+      caption dropout substitutes; `DiffusionModel`'s `empty_context`).
   """
 
   def __init__(self, cache_dir: str):

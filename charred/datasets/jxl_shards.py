@@ -1,6 +1,6 @@
 """Shards of JPEG XL images with captions: writer, manifest and random-access reader.
 
-Layout of an output directory (`write_shards`, `python -m charred.datasets.prepare`):
+Layout of an output directory (`write_shards`, `python -m charred.prepare`):
 
   <split>-00000.array_record     records (or .tfrecord), `examples_per_shard` each
   <split>-00000.index.npy        per-record width, height, caption_bytes (int32)
@@ -443,7 +443,7 @@ def read_manifest(out_dir: str) -> dict[str, Any]:
                      f"{FORMAT_VERSION}.")
   if (manifest.get("codec") or {}).get("name") != "jpegxl":  # e.g. an encoder cache's
     raise ValueError(f"{out_dir} is not a JPEG XL shard output (python -m "
-                     "charred.datasets.prepare): its manifest names no JPEG XL codec.")
+                     "charred.prepare): its manifest names no JPEG XL codec.")
   if manifest.get("record_format") not in FORMATS:
     raise ValueError(f"{path}: record_format {manifest.get('record_format')!r} is not one "
                      f"of {FORMATS}.")

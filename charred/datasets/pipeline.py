@@ -3,10 +3,11 @@
 Batches are a pure function of (task, split, batch size, text length, seed,
 shuffle, repeat): the stream started at `start_batch=k` equals the stream
 started at 0 with its first k batches dropped, so a trainer resumes exactly
-by checkpointing `TrainIterator.position` alone. Epochs are built one at a
-time (rather than seqio's `num_epochs=None` followed by `skip(k)`) so that
-resuming costs at most one epoch of reading, not all k batches: skipping
-through seqio's preprocessing runs at only ~5k examples/s on 2 CPU cores.
+by checkpointing the iterator's state (`{'next_index': k}`) alone. Epochs are
+built one at a time (rather than seqio's `num_epochs=None` followed by
+`skip(k)`) so that resuming costs at most one epoch of reading, not all k
+batches: skipping through seqio's preprocessing runs at only ~5k examples/s
+on 2 CPU cores.
 """
 from __future__ import annotations
 

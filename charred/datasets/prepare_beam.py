@@ -1,9 +1,9 @@
 r"""`prepare` as an Apache Beam pipeline: the same shards and manifest, from many workers.
 
   pip install 'charred[beam]'
-  python -m charred.datasets.prepare --builder=laion_hr/unfiltered --manual_dir=DIR \
+  python -m charred.prepare --builder=laion_hr/unfiltered --manual_dir=DIR \
       --out=OUT --runner=direct                      # DirectRunner, one process per core
-  python -m charred.datasets.prepare ... --runner=DataflowRunner \
+  python -m charred.prepare ... --runner=DataflowRunner \
       --beam_pipeline_options=project=P,region=R,temp_location=gs://B/tmp
 
 Why it gives the same output as the single-process writer (`jxl_shards.write_shards`): the

@@ -5,7 +5,7 @@ with ByT5's `seqio.ByteVocabulary`, trimmed to leave room for EOS and
 EOS-terminated, as 'text_tokens'; the common-schema features next to it.
 Padding to the model's text length is left to the input pipeline.
 
-`web_task` is what `charred.datasets.prepare --task` reads: a web source with named
+`web_task` is what `python -m charred.prepare --task` reads: a web source with named
 quality filters (`FILTERS`) ahead of tokenisation, each counting what it drops, so the
 filters decide what reaches the JPEG XL shards and so training.
 """

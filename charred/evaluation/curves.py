@@ -1,30 +1,15 @@
-r"""Learning curves of text rendering: accuracy against training images seen, runs on one plot.
-
-  python -m charred.evaluation.curves --run='bytes=runs/a' --run='subword=runs/b' \
-      [--metric=exact_match_ci] [--output=curves.png]
+"""Learning curves of text rendering: accuracy against training images seen, runs on one
+plot (`python -m charred.curves` draws them).
 
 A run is a workdir (its `samples/metrics.jsonl`, one line per periodic evaluation, and
-`config.gin` for the batch size) or a training log (its `eval text_rendering @ N:` lines;
-then give the batch size as `name=path@batch`).
+`config.gin` for the batch size) or a training log (its `eval text_rendering @ N:` lines).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-
-from absl import app
-from absl import flags
-
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-  """Defined only when the command runs: `charred.sample` has an --output too."""
-  flags.DEFINE_multi_string('run', [], "'name=workdir' or 'name=train.log@batch_size'.")
-  flags.DEFINE_string('metric', 'exact_match_ci', 'Metric on the y axis.')
-  flags.DEFINE_string('output', 'curves.png', 'Where the PNG goes.')
-
+import runpy
 
 _EVAL_LINE = re.compile(r'^eval text_rendering @ (\d+): (.*)$')
 
@@ -81,21 +66,6 @@ def plot(curves: dict[str, list[tuple[int, float]]], metric: str, output: str) -
   plt.close(fig)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  curves = {}
-  for spec in FLAGS.run:
-    name, _, path = spec.partition('=')
-    path, _, batch = path.partition('@')
-    batch = int(batch) if batch else batch_size(path)
-    curves[name] = [(step * batch, v) for step, v in read_curve(path, FLAGS.metric)]
-  if not curves:
-    raise app.UsageError('Give at least one --run=NAME=PATH.')
-  plot(curves, FLAGS.metric, FLAGS.output)
-  print(f'Wrote {FLAGS.output}')
-
-
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  # `python -m charred.evaluation.curves` is `python -m charred.curves` by another name.
+  runpy.run_module('charred.curves', run_name='__main__', alter_sys=True)

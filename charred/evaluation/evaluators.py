@@ -252,7 +252,7 @@ class TextRenderingEvaluator:
       grid.save_png(os.path.join(self.sample_dir, f'step_{step}.png'), self.picture)
       if maps is not None:
         grid.save_png(os.path.join(self.sample_dir, f'attention_step_{step}.png'), maps)
-      # One JSON line per evaluation: learning curves without TensorBoard (curves.py).
+      # One JSON line per evaluation: `python -m charred.curves` plots it (no TensorBoard).
       with open(os.path.join(self.sample_dir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
         f.write(json.dumps({'step': step, **{k: float(v) for k, v in scores.items()}}) + '\n')
     return metrics

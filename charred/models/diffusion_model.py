@@ -53,7 +53,7 @@ BATCH_KEYS = ('image', 'latent_mean', 'latent_logvar', 'text_tokens', 'text_mask
 class ObjectiveConfig:
   """What the model is trained to do, beyond predicting its diffusion target."""
   # Captions replaced by the empty caption this often, so that classifier-free guidance
-  # has an unconditional model to contrast with (the original project skipped this).
+  # has an unconditional model to contrast with.
   caption_dropout: float = 0.1
   train_text_encoder: bool = True  # False: the encoder is frozen (e.g. pretrained ByT5)
   # Min-SNR-gamma loss weighting (arXiv 2303.09556; the paper uses 5); None: unweighted.
@@ -227,7 +227,7 @@ class DiffusionModel(base_model.BaseModel):
     """The frozen text encoder on the host CPU: the batch gains the hidden states of its
     captions after dropout, `text_context` (what `text_context` then passes through), as
     the loss would drop and encode them. Its FLOPs and a copy of its parameters live on the
-    host; the train state still holds them (keep them off the accelerator through the
+    host; the train state holds them too (keep them off the accelerator through the
     state's shardings if memory matters)."""
     self.check_host_stage()
     cpu = jax.devices('cpu')[0]

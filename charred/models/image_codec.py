@@ -3,7 +3,7 @@
 `charred.models.pretrained.make_codec` builds one from a weights path.
 
 The codec runs outside the differentiated function: its parameters never train, and
-(the original project's mistake) they are not recomputed inside the gradient.
+they are not recomputed inside the gradient.
 """
 
 from __future__ import annotations

@@ -117,8 +117,8 @@ def read_charred_model(path: str):
 # --- training runs ---------------------------------------------------------------------------
 
 
-# Initial-weight paths that model configs held before InitConfig: provenance, not
-# architecture; dropped when older files are read.
+# Initial-weight paths a run file's model config may name (provenance, not architecture:
+# `InitConfig` holds them): dropped on reading.
 _RETIRED_FIELDS = ('autoencoder_path', 'text_encoder_checkpoint', 'unet_checkpoint')
 
 

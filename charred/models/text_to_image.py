@@ -2,7 +2,7 @@
 
 Parameters live under `text_encoder/...` (t5x names) and `unet/...` (diffusers names).
 The tiny default works in pixel space, as DeepFloyd IF's first stage does; a latent
-model puts a frozen VAE in front (see the models issue).
+model puts a frozen VAE in front (`image_codec.LatentCodec`).
 """
 
 from __future__ import annotations

@@ -249,10 +249,8 @@ def start_data(batches: BatchesFn, data_state) -> Iterator[Batch]:
   if not (hasattr(data, 'get_state') and hasattr(data, 'set_state')):
     raise TypeError(f'batches() gave a {type(data).__name__}, which cannot be checkpointed: '
                     'it needs get_state() and set_state() (see charred.datasets.streams).')
-  if 'iterator' in data_state:
+  if 'iterator' in data_state:  # every checkpoint; a fresh run starts at the first batch
     data.set_state(data_state['iterator'])
-  elif data_state['position']:  # a checkpoint that saved only the batch index
-    data.set_state(dict(data.get_state(), next_index=data_state['position']))
   return data
 
 

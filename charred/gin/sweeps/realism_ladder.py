@@ -13,11 +13,12 @@ short at 2,000 steps marked. About 25 minutes a trial on a 2-core CPU, two at a 
 NAME = 'realism_ladder'
 GIN_FILES = ['experiments/typography_tiny.gin']
 
-# Text positions by byte index from the caption's start (the default before issue 23).
+# Text positions by byte index from the caption's start (typography_tiny.gin counts them
+# from the opening quote).
 _BYTE_POSITIONS = {'text_to_image.TextToImageConfig.quote_positions': False,
                    'unet.UNetConfig.text_positions': 'sinusoidal'}
 _R1 = {'experiment.DataConfig.builder_config': 'r1'}
-# R1 and R2 with boxes over the text's ink instead of the font's line (the first R1 trials).
+# R1 and R2 with boxes over the text's ink instead of the font's line.
 _R1_INK = {'experiment.DataConfig.builder_config': 'r1_ink'}
 _R2_INK = {'experiment.DataConfig.builder_config': 'r2_ink'}
 _R1_SIZES = {'experiment.DataConfig.builder_config': 'r1_sizes'}  # R2's sizes, R1's faces

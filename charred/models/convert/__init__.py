@@ -1,4 +1,4 @@
-"""Weight conversion into and out of charred: `python -m charred.models.convert --help`.
+"""Weight conversion into and out of charred: `python -m charred.convert --help`.
 
 sources.py reads formats lazily, core.py drives a conversion from a per-format plan,
 diffusers.py and t5.py hold the name mappings; charred.models.pretrained detects formats
