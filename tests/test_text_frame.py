@@ -89,24 +89,28 @@ def test_rendered_words_land_on_the_line_in_the_frame(size):
 SMALL = tf.TextFrameConfig(line_height=8.0, origin=(2.0, 2.0), margin=1.0)
 
 
-def _small_model(**objective):
+def _small_model(joint=False, **objective):
   """A 16x32 model on 2x2 patches whose frame puts the box at (2, 2), 8 px high."""
   from charred.models import diffusion_model as dm  # pylint: disable=g-import-not-at-top
   model = dm.DiffusionModel(tiny_config(
       dict(in_channels=12, out_channels=12, query_positions='sinusoidal', position_span=4.0),
       text_length=32, image_size=(16, 32), patch_size=2, prediction_type='sample',
-      quote_positions=True, box_conditioning=True, text_frame=SMALL),
+      quote_positions=True, box_conditioning=True,
+      text_frame=dataclasses.replace(SMALL, joint=joint)),
       objective=dm.ObjectiveConfig(**objective))
   return model, model.init_params(jax.random.PRNGKey(0))
 
 
-def test_the_model_takes_the_box_from_the_frame_pass_and_the_rest_from_the_image_pass():
-  model, params = _small_model()
+@pytest.mark.parametrize('joint', [False, True])
+def test_the_model_takes_the_box_from_the_frame_pass_and_the_rest_from_the_image_pass(joint):
+  """The frame pass reads the noisy image resampled, or (joint) the frame's own channels,
+  which come back after the image's."""
+  model, params = _small_model(joint)
   h, w = 16, 32
   plain = t2i.TextToImage(dataclasses.replace(model.config, text_frame=None))
   tokens, mask = _encode(['A sign that says "Hello".', 'A sign that says "Hi".'], 32)
   ctx = model.encode_text(params, tokens, mask)
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, h, w, 3))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, h, w, 6 if joint else 3))
   t = jnp.array([300, 700])
   layout = t2i.text_layout(tokens, mask, np.array([(5, 4, 25, 8), (8, 1, 20, 15)]), (h, w))
 
@@ -115,9 +119,12 @@ def test_the_model_takes_the_box_from_the_frame_pass_and_the_rest_from_the_image
     run = lambda image, lay: plain.apply({'params': params}, image, t, ctx, mask, lay,
                                          method=t2i.TextToImage.denoise)
     frame = tf.text_frame(layout, (h, w), SMALL, (h, w))
-    framed = run(tf.into_frame(x, frame), tf.frame_layout(layout, frame, (h, w)))
-    return (jnp.where(tf.frame_region(frame, (h, w)), tf.from_frame(framed, frame),
-                      run(x, layout)), tf.frame_region(frame, (h, w)))
+    image, framed_input = (x[..., :3], x[..., 3:]) if joint else (x, tf.into_frame(x, frame))
+    framed = run(framed_input, tf.frame_layout(layout, frame, (h, w)))
+    out = jnp.where(tf.frame_region(frame, (h, w)), tf.from_frame(framed, frame),
+                    run(image, layout))
+    return (jnp.concatenate([out, framed], -1) if joint else out,
+            tf.frame_region(frame, (h, w)))
 
   got = jax.jit(lambda x, layout: model.module.apply(
       {'params': params}, x, t, ctx, mask, layout, method=t2i.TextToImage.denoise))(x, layout)
@@ -127,8 +134,9 @@ def test_the_model_takes_the_box_from_the_frame_pass_and_the_rest_from_the_image
   assert 0 < region[0].mean() < 1 and 0 < region[1].mean() < 1
 
 
-def test_text_frame_trains_with_the_attention_loss():
-  model, params = _small_model(attention_loss_weight=0.1)
+@pytest.mark.parametrize('joint', [False, True])
+def test_text_frame_trains_with_the_attention_loss(joint):
+  model, params = _small_model(joint, attention_loss_weight=0.1)
   tokens, mask = _encode(['A sign that says "Hi".'] * 2, 32)
   glyphs = -np.ones((2, 16, 32), np.int32)
   glyphs[:, 4:10, 6:10], glyphs[:, 4:10, 10:14] = 18, 19  # 'H', 'i' at their byte index
@@ -137,6 +145,15 @@ def test_text_frame_trains_with_the_attention_loss():
            'glyph_tokens': jnp.asarray(glyphs)}
   loss, terms = jax.jit(model.loss_fn)(params, batch, jax.random.PRNGKey(0))
   assert np.isfinite(float(loss)) and float(terms['attention']) > 0
+
+
+def test_a_joint_frame_is_sampled_beside_the_image_and_left_out_of_the_picture():
+  model, params = _small_model(joint=True)
+  assert model.config.sampled_shape(model.codec) == (16, 32, 6)
+  tokens, mask = _encode(['A sign that says "Hi".'], 32)
+  images = model.generator(params, num_steps=2).sample(
+      tokens, mask, jax.random.PRNGKey(0), jnp.array([[6, 4, 14, 10]], jnp.float32))
+  assert images.shape == (1, 16, 32, 3) and np.all(np.isfinite(np.asarray(images)))
 
 
 def test_text_frame_config_errors():

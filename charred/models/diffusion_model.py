@@ -297,7 +297,12 @@ class DiffusionModel(base_model.BaseModel):
     states after dropout (see text_context); None encodes them here, differentiably.
     """
     mc, objective = self.config, self.objective
+    layout = self.layout(batch)
     images = batch['image']
+    if mc.text_frame is not None and mc.text_frame.joint:
+      # The frame is diffused beside the image: its clean target is the clean image's.
+      frame = text_frame.text_frame(layout, images.shape[1:3], mc.text_frame, mc.image_size)
+      images = jnp.concatenate([images, text_frame.into_frame(images, frame)], axis=-1)
     b = images.shape[0]
     t = jax.vmap(lambda k: losses.sample_timestep(
         k, mc.noise_schedule.num_train_timesteps, objective.timestep_sampling,
@@ -319,7 +324,6 @@ class DiffusionModel(base_model.BaseModel):
       if needed and key not in batch:
         raise ValueError(f'The glyph losses need `{key}` in the batch, which only the '
                          "rendered typography source gives (DataConfig.source='render').")
-    layout = self.layout(batch)
     if glyphs or chars:  # cross-attention weights and character logits are sown
       prediction, intermediates = self.module.apply(
           {'params': params}, x_t, t, context, mask, layout, method='denoise',

@@ -106,7 +106,7 @@ class ImageGenerator:
     b = tokens.shape[0]
     uncond = jnp.broadcast_to(uncond, (b,) + uncond.shape[1:])
     uncond_mask = jnp.broadcast_to(empty_mask, mask.shape)
-    noise = jax.random.normal(rng, (b,) + c.diffusion_shape(self.codec), jnp.float32)
+    noise = jax.random.normal(rng, (b,) + c.sampled_shape(self.codec), jnp.float32)
     layout = None if boxes is None else text_layout(tokens, mask, boxes, c.image_size)
 
     def denoise(x, t, ctx, m):
@@ -121,7 +121,7 @@ class ImageGenerator:
         num_steps=self.num_steps, guidance_scale=self.guidance_scale,
         guidance_rescale=self.guidance_rescale, rng=jax.random.fold_in(rng, 1),
         progress=self.progress)
-    return self.codec.decode(x)
+    return self.codec.decode(x[..., :self.codec.channels])  # a joint text frame's after
 
   def __call__(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 64,
                boxes=None) -> np.ndarray:

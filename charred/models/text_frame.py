@@ -5,7 +5,9 @@ convolutional U-Net; resampling the image so that the text box always has one he
 one top-left corner (a similarity transform per example, as a spatial transformer would
 learn, here given by the box) hands the U-Net one size and one phase whatever the caller
 asked for. `TextToImage.denoise` runs the U-Net twice, on the whole image and on its text
-frame, and takes the pixels around the box from the frame pass, resampled back.
+frame, and takes the pixels around the box from the frame pass, resampled back. The frame
+is either the noisy image resampled, or (`joint`) a second image diffused beside the
+first, in channels of its own.
 
 Resampling is bilinear with zeros outside the source (separable: one interpolation matrix
 per axis and example), so it is exact for whole-pixel shifts at scale 1 and for images
@@ -30,6 +32,12 @@ class TextFrameConfig:
   origin: tuple[float, float] = (4.0, 4.0)  # (x, y) of the box's top-left corner
   # Frame pixels around the box that the frame pass also writes (antialiased edges).
   margin: float = 2.0
+  # The frame diffused as an image of its own beside the image (its own channels and
+  # noise, a clean target resampled from the clean image), instead of the image's noisy
+  # pixels resampled: resampling changes the noise's variance and correlation with the
+  # scale (x2 halves it between pixels), so the U-Net would see another noise level at
+  # every text size; a frame diffused itself has the schedule's noise at every scale.
+  joint: bool = False
 
   def __post_init__(self):
     if self.line_height <= 0 or self.margin < 0 or min(self.origin) < 0:

@@ -123,6 +123,12 @@ class TextToImageConfig:
     f = codec.downsample_factor
     return h // f, w // f, codec.channels
 
+  def sampled_shape(self, codec) -> tuple[int, int, int]:
+    """(height, width, channels) of what the sampler draws: the image's diffusion shape,
+    then, with a joint text frame, the frame's own channels."""
+    h, w, c = self.diffusion_shape(codec)
+    return h, w, c * (2 if self.text_frame is not None and self.text_frame.joint else 1)
+
 
 class TextToImage(nn.Module):
   config: TextToImageConfig
@@ -148,18 +154,24 @@ class TextToImage(nn.Module):
     `text_layout`) for the box-conditioned model."""
     c = self.config
     if c.text_frame is not None and layout is not None:
-      # One pass on the image and one on its text frame, batched.
+      # One pass on the image and one on its text frame, batched. A joint frame comes in
+      # the channels after the image's (sampled_shape), and goes out there too.
       size = x_t.shape[1:3]
       frame = frames.text_frame(layout, size, c.text_frame, c.image_size)
+      if c.text_frame.joint:
+        x_t, x_frame = jnp.split(x_t, 2, axis=-1)
+      else:
+        x_frame = frames.into_frame(x_t, frame)
       both = lambda a, b: jnp.concatenate([a, b])
-      out = self._unet(both(x_t, frames.into_frame(x_t, frame)), both(timesteps, timesteps),
+      out = self._unet(both(x_t, x_frame), both(timesteps, timesteps),
                        both(context, context), None if mask is None else both(mask, mask),
                        jax.tree_util.tree_map(both, layout,
                                               frames.frame_layout(layout, frame, size)),
                        deterministic)
       whole, framed = jnp.split(out, 2)
-      return jnp.where(frames.frame_region(frame, size), frames.from_frame(framed, frame),
-                       whole)
+      image = jnp.where(frames.frame_region(frame, size), frames.from_frame(framed, frame),
+                        whole)
+      return jnp.concatenate([image, framed], axis=-1) if c.text_frame.joint else image
     shift = None
     if c.anchor_patches and layout is not None:
       shift = anchor_shift(layout, x_t.shape[1:3], c.patch_size)
