@@ -275,6 +275,10 @@ def write(generator: ImageGenerator, out: str, *, batch: int = 1,
   import iree.runtime  # pylint: disable=g-import-not-at-top
   required = targets is not None
   targets = list(targets) if required else available_targets()
+  unknown = sorted(set(targets) - set(DRIVERS))
+  if unknown:
+    raise ExportError(f'Unknown IREE target {unknown[0]!r}: charred exports for '
+                      f'{", ".join(DRIVERS)}.')
   if CPU_TARGET not in targets and not required:
     raise ExportError(f'The installed IREE compiler has no {CPU_TARGET} target.')
   tmp = out.rstrip('/') + '.partial'
