@@ -68,7 +68,10 @@ setuptools.setup(
         # References for the parity tests. Never torchvision: the registry's build is
         # CUDA-only and breaks `import transformers` on CPU hosts.
         "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "transformers",
-                 "qwix==0.1.8"],
+                 "qwix==0.1.8", "iree-base-compiler==3.13.0", "iree-base-runtime==3.13.0"],
+        # AOT export (charred.aot, `python -m charred.export`): IREE's compiler and runtime,
+        # one version (a .vmfb runs only on the runtime of the compiler that wrote it).
+        "export": ["iree-base-compiler==3.13.0", "iree-base-runtime==3.13.0"],
         # int8 quantisation (charred.models.quantize). Pinned: its weight-only convolution
         # builds on qwix's PTQ internals.
         "int8": ["qwix==0.1.8"],

@@ -5,6 +5,7 @@ diffusers' pipelines.
   images = pipe(['A sign that says "hello".'], num_steps=50, seed=0)
   images[0].save('hello.png')
   small = pipe.to_int8()  # int8 kernels (charred.models.quantize)
+  pipe.export('export/r1', batch=1, num_steps=20)  # IREE modules + weights.irpa (charred.aot)
 
 Sampling is `charred.models.generation.ImageGenerator`'s: one compiled program per set of
 sampling settings, kept for the pipeline's lifetime, so calls with the same settings do
@@ -123,6 +124,22 @@ class TextToImagePipeline:
                                progress=progress)
     images = generator(list(prompts), seed=seed, batch_size=batch_size, boxes=boxes)
     return [Image.fromarray(image) for image in images]
+
+  def export(self, out: str, *, batch: int = 1, num_steps: int = 50,
+             guidance_scale: float | None = None, scheduler: str = 'ddim',
+             guidance_rescale: float = 0.0, targets: Sequence[str] | None = None,
+             overwrite: bool = False, settings: dict | None = None) -> dict:
+    """Writes the text encoder, the guided sampling loop (these settings, `batch` prompts)
+    and the decoder as StableHLO and IREE modules, with the weights in `out/weights.irpa`
+    and `out/manifest.json` (see `charred.aot`); returns the manifest. `targets`: IREE
+    targets (None: llvm-cpu, and cuda where the compiler has it)."""
+    from charred import aot  # pylint: disable=g-import-not-at-top
+    generator = self.model.generator(
+        self.params, num_steps=num_steps,
+        guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
+        scheduler=scheduler, guidance_rescale=guidance_rescale)
+    return aot.write(generator, out, batch=batch, targets=targets, overwrite=overwrite,
+                     settings={'step': self.step, **(settings or {})})
 
   def to_int8(self, mode: str = 'weight_only') -> TextToImagePipeline:
     """This pipeline with int8 kernels in the text encoder, U-Net and VAE (see

@@ -47,7 +47,7 @@ def test_entry_points_import_together():
       if re.search(r"^if __name__ == ['\"]__main__['\"]:", path.read_text(), re.M))
   assert {'charred.main', 'charred.evaluate', 'charred.sample', 'charred.sweep',
           'charred.cache_encoder', 'charred.convert', 'charred.prepare', 'charred.curves',
-          'charred.subword', 'charred.datasets.prepare', 'charred.evaluation.curves',
+          'charred.export', 'charred.subword', 'charred.datasets.prepare', 'charred.evaluation.curves',
           'charred.models.convert.__main__'} <= set(commands)
   proc = subprocess.run([sys.executable, '-c', f'import {", ".join(commands)}'],
                         capture_output=True, text=True, cwd=REPO)

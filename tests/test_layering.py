@@ -61,13 +61,13 @@ LAYERS = (
     # 4: experiments: what gin binds and parses, and runs rebuilt from their workdirs.
     ('experiments', (
         'charred.configs', 'charred.configs.experiment', 'charred.configs.gin_utils',
-        'charred.configs.runs', 'charred.pipeline')),
+        'charred.configs.runs', 'charred.pipeline', 'charred.aot')),
     # 5: entry points (flags): the `python -m charred.X` commands, all at the top of the
     # package, and the flags two of them share.
     ('entry points', (
         'charred.main', 'charred.evaluate', 'charred.sample', 'charred.sweep',
         'charred.cache_encoder', 'charred.convert', 'charred.prepare', 'charred.curves',
-        'charred.sampling_flags')),
+        'charred.export', 'charred.sampling_flags')),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from typing import Sequence
@@ -95,6 +96,15 @@ class ImageGenerator:
     return self._sample(self.params, tokens, mask, rng, boxes)
 
   def _sample_impl(self, params, tokens, mask, rng, boxes=None):
+    context, uncond = self.encode_prompts(params, tokens, mask)
+    x = self.sample_loop(params, tokens, mask, context, uncond, rng, boxes)
+    return self.decode(self.codec_params(), x)
+
+  # The three stages of `_sample_impl`, each a function of its parameters and arrays (what
+  # `charred.aot` exports one by one).
+
+  def encode_prompts(self, params, tokens, mask):
+    """(the captions' hidden states [B, L, D], the empty caption's broadcast to them)."""
     c = self.model.config
     apply = functools.partial(self.model.apply, {'params': params})
     # Methods by name: a quantised model (charred.models.quantize) is a subclass that
@@ -103,9 +113,16 @@ class ImageGenerator:
     # The unconditional branch is the empty caption, as caption dropout trains it.
     empty_tokens, empty_mask = (jnp.asarray(a) for a in tokenizer.encode_batch([''], c.text_length))
     uncond = apply(empty_tokens, empty_mask, method='encode_text')
+    return context, jnp.broadcast_to(uncond, (tokens.shape[0],) + uncond.shape[1:])
+
+  def sample_loop(self, params, tokens, mask, context, uncond, rng, boxes=None):
+    """The guided sampling loop from noise drawn with `rng`: [B, h, w, C] in the codec's
+    space. `tokens` place a box-conditioned model's `boxes`; other models ignore them."""
+    c = self.model.config
+    apply = functools.partial(self.model.apply, {'params': params})
     b = tokens.shape[0]
-    uncond = jnp.broadcast_to(uncond, (b,) + uncond.shape[1:])
-    uncond_mask = jnp.broadcast_to(empty_mask, mask.shape)
+    _, empty_mask = tokenizer.encode_batch([''], c.text_length)
+    uncond_mask = jnp.broadcast_to(jnp.asarray(empty_mask), mask.shape)
     noise = jax.random.normal(rng, (b,) + c.sampled_shape(self.codec), jnp.float32)
     layout = None if boxes is None else text_layout(tokens, mask, boxes, c.image_size)
 
@@ -116,12 +133,24 @@ class ImageGenerator:
           lambda a: jnp.concatenate([a] * (x.shape[0] // b)), layout)
       return apply(x, t, ctx, m, tiled, method='denoise')
 
-    x = sampling.sample(
+    return sampling.sample(
         denoise, noise, context, mask, uncond, uncond_mask, scheduler=self.scheduler,
         num_steps=self.num_steps, guidance_scale=self.guidance_scale,
         guidance_rescale=self.guidance_rescale, rng=jax.random.fold_in(rng, 1),
         progress=self.progress)
-    return self.codec.decode(x[..., :self.codec.channels])  # a joint text frame's after
+
+  def codec_params(self):
+    """The codec's parameters (a VAE's; {} for pixels), as `decode` takes them."""
+    return getattr(self.codec, 'params', {})
+
+  def decode(self, codec_params, x):
+    """Images [B, H, W, 3] in [-1, 1] from `sample_loop`'s output, with `codec_params` in
+    place of the codec's own."""
+    codec = self.codec
+    if hasattr(codec, 'params'):
+      codec = copy.copy(codec)
+      codec.params = codec_params
+    return codec.decode(x[..., :codec.channels])  # a joint text frame's channels follow
 
   def __call__(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 64,
                boxes=None) -> np.ndarray:
