@@ -151,7 +151,7 @@ def functions(generator: ImageGenerator, batch: int) -> list[Function]:
                          generator.params).shape[-1]
   text = [('tokens', i32(batch, length)), ('mask', i32(batch, length))]
   contexts = [('context', f32(batch, length, width)), ('uncond', f32(batch, length, width))]
-  latent = f32(batch, *c.diffusion_shape(generator.codec))
+  latent = f32(batch, *c.sampled_shape(generator.codec))
   box = [('boxes', i32(batch, 4))] if c.box_conditioning else []
 
   def sample(params, tokens, mask, context, uncond, seed, boxes=None):
