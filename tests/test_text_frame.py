@@ -167,3 +167,15 @@ def test_text_frame_config_errors():
                        text_frame=tf.TextFrameConfig(origin=(2.0, 4.0)))
   with pytest.raises(ValueError, match='must be on the patch grid'):
     config.check_codec(image_codec.PixelCodec())
+
+
+@pytest.mark.parametrize('joint', [False, True])
+def test_attention_maps_of_a_framed_model_are_the_image_pass(joint):
+  from charred.evaluation import attention_maps  # pylint: disable=g-import-not-at-top
+  model, params = _small_model(joint)
+  tokens, mask = _encode(['A sign that says "Hi".'] * 2, 32)
+  maps = attention_maps.cross_attention_maps(
+      model.module, params, jnp.zeros((2, 16, 32, 3)), tokens, mask, 500,
+      jax.random.PRNGKey(0), jnp.array([[6, 4, 14, 10], [2, 2, 30, 14]], jnp.float32))
+  assert maps.shape[0] == 2 and maps.shape[-1] == 32  # one map per caption token
+  np.testing.assert_allclose(np.asarray(maps).sum(-1), 1.0, atol=1e-4)

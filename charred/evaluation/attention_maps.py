@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from charred.evaluation import grid
 from charred.models import diffusion
+from charred.models import text_frame
 from charred.models import unet
 from charred.models.text_to_image import TextToImage, text_layout
 
@@ -30,23 +31,29 @@ def cross_attention_maps(model: TextToImage, params, images, tokens, mask, times
   for a box-conditioned model."""
   c = model.config
   x0 = jnp.asarray(images, jnp.float32)
+  b = x0.shape[0]
+  layout = None if boxes is None else text_layout(tokens, mask, boxes, c.image_size)
+  if layout is not None and c.text_frame is not None and c.text_frame.joint:
+    frame = text_frame.text_frame(layout, x0.shape[1:3], c.text_frame, c.image_size)
+    x0 = jnp.concatenate([x0, text_frame.into_frame(x0, frame)], axis=-1)
   noise = jax.random.normal(rng, x0.shape)
   alpha_bar = jnp.asarray(c.noise_schedule.alphas_cumprod())[timestep]
   x_t = diffusion.add_noise(x0, noise, jnp.full((x0.shape[0],), alpha_bar))
   t = jnp.full((x0.shape[0],), timestep, jnp.int32)
   apply = functools.partial(model.apply, {'params': params})
   context = apply(tokens, mask, method='encode_text')
-  layout = None if boxes is None else text_layout(tokens, mask, boxes, c.image_size)
   _, state = apply(x_t, t, context, mask, layout, method='denoise',
                    mutable=['intermediates'])
-  maps = [v for path, value in flax.traverse_util.flatten_dict(state).items()
+  # With a text frame the U-Net ran on [image; frame]: the image pass's maps are the ones
+  # that lie over the picture.
+  maps = [v[:b] for path, value in flax.traverse_util.flatten_dict(state).items()
           if 'cross_attention' in path for v in value]
   if not maps:
     raise ValueError('The U-Net has no cross-attention to show.')
   cells = max(m.shape[2] for m in maps)
   finest = jnp.mean(jnp.stack([m.mean(axis=1) for m in maps if m.shape[2] == cells]), axis=0)
   h, w = unet.attention_grid(cells, *x0.shape[1:3])
-  return finest.reshape(x0.shape[0], h, w, -1)
+  return finest.reshape(b, h, w, -1)
 
 
 def _heat(values: np.ndarray, size: tuple[int, int]) -> Image.Image:
