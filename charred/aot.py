@@ -48,8 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from charred import tokenizer
-from charred.models.generation import ImageGenerator, PromptTooLongError, check_boxes, to_uint8
+from charred.models.generation import ImageGenerator, check_boxes, to_uint8, tokenize_prompts
 
 FORMAT = 'charred-iree-export'
 FORMAT_VERSION = 1
@@ -465,12 +464,7 @@ class IreeModel:
     if len(prompts) != batch:
       raise ExportError(f'{len(prompts)} prompts for an export of batch {batch}: export '
                         f'again with --batch={len(prompts)}.')
-    for prompt in prompts:
-      if tokenizer.num_tokens(prompt) > length:
-        raise PromptTooLongError(
-            f'Prompt is {tokenizer.num_tokens(prompt)} tokens with EOS, longer than the '
-            f"export's maximum of {length}: {prompt[:60]!r}")
-    return tokenizer.encode_batch(list(prompts), length)
+    return tokenize_prompts(prompts, length, owner="the export's")
 
   def __call__(self, prompts: Sequence[str], seed: int = 0, boxes=None) -> np.ndarray:
     """uint8 images [B, H, W, 3]: encode, sample, decode."""

@@ -37,6 +37,17 @@ def check_boxes(boxes, image_size: tuple[int, int]) -> np.ndarray:
   return boxes.astype(np.int32)
 
 
+def tokenize_prompts(prompts: Sequence[str], length: int, text_tokenizer=tokenizer,
+                     owner: str = "the model's") -> tuple[np.ndarray, np.ndarray]:
+  """(ids, mask) [N, length] of `prompts`; PromptTooLongError, naming `owner`'s maximum,
+  for one that does not fit with its EOS."""
+  for prompt in prompts:
+    if text_tokenizer.num_tokens(prompt) > length:
+      raise PromptTooLongError(
+          f'Prompt is {text_tokenizer.num_tokens(prompt)} tokens with EOS, longer than '
+          f'{owner} maximum of {length}: {prompt[:60]!r}')
+  return text_tokenizer.encode_batch(list(prompts), length)
+
 class ImageGenerator:
   """Samples images for prompts from a TextToImage model and its parameters.
 
@@ -80,15 +91,9 @@ class ImageGenerator:
     return cls(spacing=spacing, **model_kwargs)
 
   def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    length = self.model.config.text_length
     # The model's own tokenizer: ByT5 bytes (this module's default) or a subword one.
-    text_tokenizer = self.model.config.text_tokenizer() or tokenizer
-    for prompt in prompts:
-      if text_tokenizer.num_tokens(prompt) > length:
-        raise PromptTooLongError(
-            f'Prompt is {text_tokenizer.num_tokens(prompt)} tokens with EOS, longer than '
-            f"the model's maximum of {length}: {prompt[:60]!r}")
-    return text_tokenizer.encode_batch(list(prompts), length)
+    return tokenize_prompts(prompts, self.model.config.text_length,
+                            self.model.config.text_tokenizer() or tokenizer)
 
   def sample(self, tokens, mask, rng, boxes=None) -> jax.Array:
     """Samples [B, H, W, 3] in [-1, 1] for tokenised captions [B, L] (and, for a
